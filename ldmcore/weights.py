@@ -1,0 +1,118 @@
+"""Reading weight files safely and loading them into modules with errors a user can act on."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A weight file or folder that cannot be used as given; the message says why and what to do."""
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a `.safetensors`, `.bin`, `.pt`, `.pth` or `.ckpt` file into a flat dict of tensors.
+
+    Pickle files are read with `weights_only=True`: a pickle holding anything but plain weights
+    (code, custom classes) is refused rather than executed. Lightning checkpoints that wrap the
+    weights in a `state_dict` entry are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (an interrupted download or copy?)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for truncated headers
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from e
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_can_mmap(path))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file holds more than plain weights ({str(e).splitlines()[0]}). "
+            "Convert it to safetensors with a tool you trust, or re-save only its state_dict."
+        ) from e
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e}); is the file truncated?") from e
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: the file holds no tensors")
+    return tensors
+
+
+def _can_mmap(path: Path) -> bool:
+    # mmap needs the zip-based format torch has written since 1.6; legacy files fall back to a full read.
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
+def find_weights(folder: Path, stem: str) -> Path:
+    """The weight file in a diffusers component folder: safetensors first, then the pickle format."""
+    for name in (f"{stem}.safetensors", f"{stem}.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+    hint = f" (found {', '.join(found)}; variants such as fp16 are not picked automatically)" if found else ""
+    raise CheckpointError(f"{folder}: no {stem}.safetensors or {stem}.bin{hint}")
+
+
+def _preview(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """Guess what kind of checkpoint was given from the keys that did not match."""
+    everything = missing + unexpected
+    if any(k.startswith(("add_embedding", "encoder_hid_proj")) for k in unexpected):
+        return "this looks like an SDXL (or other added-conditioning) U-Net, which this model config does not describe"
+    if any(".transformer_blocks.1." in k for k in unexpected) and not any(".transformer_blocks.1." in k for k in missing):
+        return "the checkpoint has deeper transformer blocks than the config (an SDXL checkpoint?)"
+    if any(k.startswith("controlnet_") for k in unexpected):
+        return "this looks like a ControlNet, not a U-Net"
+    if any("lora" in k.lower() for k in unexpected):
+        return "the file holds LoRA weights; load it as an adapter, not as a model"
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in unexpected):
+        return "this is an original single-file checkpoint; load it with ldmcore.load_components"
+    if not everything:
+        return ""
+    return "the checkpoint and the config describe different architectures"
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict(strict=True)` that explains itself: which keys, which shapes, and a guess why."""
+    own = module.state_dict()
+    missing = sorted(k for k in own if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in own)
+    if missing or unexpected:
+        parts = [f"{source}: the weights do not fit {type(module).__name__}"]
+        if missing:
+            parts.append(f"missing {len(missing)} keys: {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys: {_preview(unexpected)}")
+        guess = describe_mismatch(missing, unexpected)
+        if guess:
+            parts.append(f"likely cause: {guess}")
+        raise CheckpointError("; ".join(parts))
+    wrong = [k for k, v in own.items() if tuple(state_dict[k].shape) != tuple(v.shape)]
+    if wrong:
+        k = wrong[0]
+        detail = f"{k} is {tuple(state_dict[k].shape)} in the file but {tuple(own[k].shape)} in the model"
+        hint = ""
+        if k == "conv_in.weight" and state_dict[k].shape[1] == 9:
+            hint = "; this is a 9-channel inpainting U-Net: set in_channels=9 in the config"
+        raise CheckpointError(f"{source}: {len(wrong)} parameters have the wrong shape, first {detail}{hint}")
+    module.load_state_dict(state_dict, strict=True)
