@@ -133,18 +133,15 @@ class Transformer2DModel(nn.Module):
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
         self.norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
-        if use_linear_projection:
-            self.proj_in = nn.Linear(channels, inner)
-            self.proj_out = nn.Linear(inner, channels)
-        else:
-            self.proj_in = nn.Conv2d(channels, inner, 1)
-            self.proj_out = nn.Conv2d(inner, channels, 1)
+        linear_or_conv = (lambda i, o: nn.Linear(i, o)) if use_linear_projection else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.proj_in = linear_or_conv(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(
                 inner, heads, dim_head, cross_attention_dim, dropout, upcast_attention, only_cross_attention
             )
             for _ in range(depth)
         )
+        self.proj_out = linear_or_conv(inner, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape

@@ -130,12 +130,13 @@ class DownBlock(nn.Module):
         super().__init__()
         self.gradient_checkpointing = False
         heads, depth = cfg.heads[level], cfg.depths[level]
+        # attentions before resnets: diffusers' registration order, so state dicts list keys identically
+        self.attentions = (
+            nn.ModuleList(_transformer(cfg, out_ch, heads, depth) for _ in range(cfg.layers_per_block)) if cross else None
+        )
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
             for i in range(cfg.layers_per_block)
-        )
-        self.attentions = (
-            nn.ModuleList(_transformer(cfg, out_ch, heads, depth) for _ in range(cfg.layers_per_block)) if cross else None
         )
         self.downsamplers = None if last else nn.ModuleList([Downsample2D(out_ch, cfg.downsample_padding)])
 
@@ -178,13 +179,13 @@ class UpBlock(nn.Module):
         self.gradient_checkpointing = False
         n = cfg.layers_per_block + 1
         heads, depth = cfg.heads[::-1][level], cfg.depths[::-1][level]
+        self.attentions = nn.ModuleList(_transformer(cfg, out_ch, heads, depth) for _ in range(n)) if cross else None
         resnets = []
         for i in range(n):
             skip_ch = skip_in_ch if i == n - 1 else out_ch
             res_in = prev_ch if i == 0 else out_ch
             resnets.append(ResnetBlock2D(res_in + skip_ch, out_ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout))
         self.resnets = nn.ModuleList(resnets)
-        self.attentions = nn.ModuleList(_transformer(cfg, out_ch, heads, depth) for _ in range(n)) if cross else None
         self.upsamplers = None if last else nn.ModuleList([Upsample2D(out_ch)])
 
     def forward(self, x, temb, context, skips: Sequence[torch.Tensor], upsample_size):
@@ -230,8 +231,6 @@ class UNet(ConfigModel):
             last = level == len(ch) - 1
             self.down_blocks.append(DownBlock(config, level, in_ch, ch[level], temb_ch, kind == CROSS_DOWN, last))
 
-        self.mid_block = MidBlock(config, ch[-1], temb_ch)
-
         rev = ch[::-1]
         self.up_blocks = nn.ModuleList()
         for level, kind in enumerate(config.up_block_types):
@@ -241,6 +240,9 @@ class UNet(ConfigModel):
             self.up_blocks.append(
                 UpBlock(config, level, prev_ch, rev[level], skip_in_ch, temb_ch, kind == CROSS_UP, last)
             )
+
+        # registered after the up blocks, as diffusers does, so state dict keys come in the same order
+        self.mid_block = MidBlock(config, ch[-1], temb_ch)
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)

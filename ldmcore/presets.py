@@ -1,0 +1,149 @@
+"""Model families as data: the diffusers config of each component, the noise schedule, the
+native resolution. Nothing here is a code path; the models read these dicts like any config.json."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]  # transformers CLIPTextConfig keys
+    scheduler: dict[str, Any]  # diffusers scheduler config keys
+    resolution: int  # native image side in pixels; the latent side is resolution // 2**(VAE levels - 1)
+    text_kind: str = "clip"  # "clip" (SD 1.x, OpenAI CLIP) or "openclip" (SD 2.x) in single-file checkpoints
+
+
+_SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
+_SD_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+_SD_UNET_BLOCKS = {
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "norm_num_groups": 32,
+}
+
+SD15 = Preset(
+    unet={**_SD_UNET_BLOCKS, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
+    vae=_SD_VAE,
+    text_encoder={  # OpenAI CLIP ViT-L/14 text tower
+        "vocab_size": 49408,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+    },
+    scheduler=_SD_SCHEDULER,
+    resolution=512,
+)
+
+_SD2_TEXT = {  # OpenCLIP ViT-H/14 text tower without its last layer (SD 2.x conditions on the penultimate)
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+}
+_SD2_UNET = {
+    **_SD_UNET_BLOCKS,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],  # heads per level (diffusers' naming): 64-wide heads
+    "use_linear_projection": True,
+}
+
+SD21 = Preset(  # the 768 px v-prediction model
+    unet={**_SD2_UNET, "sample_size": 96, "upcast_attention": True},
+    vae={**_SD_VAE, "sample_size": 768},
+    text_encoder=_SD2_TEXT,
+    scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
+    resolution=768,
+    text_kind="openclip",
+)
+
+SD21_BASE = Preset(  # the 512 px epsilon model
+    unet={**_SD2_UNET, "sample_size": 64},
+    vae=_SD_VAE,
+    text_encoder=_SD2_TEXT,
+    scheduler=_SD_SCHEDULER,
+    resolution=512,
+    text_kind="openclip",
+)
+
+TINY = Preset(  # for tests: same layout as SD 1.5, a few hundred thousand parameters
+    unet={
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "in_channels": 4,
+        "out_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 8,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 4,
+    },
+    vae={
+        **_SD_VAE,
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [16, 32, 32],  # three levels: 4x downsampling, 32 px -> 8x8 latents
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": 32,
+    },
+    text_encoder={
+        "vocab_size": 1000,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 32,
+    },
+    scheduler=_SD_SCHEDULER,
+    resolution=32,
+)
+
+PRESETS: dict[str, Preset] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
