@@ -11,6 +11,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .weights import CheckpointError, find_weights, load_strict, read_state_dict
 
@@ -40,7 +41,7 @@ class ModelConfig:
                 if value != cls._fixed[key] and not (value in (None, [], ()) and cls._fixed[key] in (None, [], ())):
                     raise CheckpointError(
                         f"{source}: {key}={value!r} is not supported by ldmcore.{cls.__name__.replace('Config', '')} "
-                        f"(only {cls._fixed[key]!r}); SDXL-style and other variants are not implemented yet"
+                        f"(only {cls._fixed[key]!r} is implemented)"
                     )
             elif not key.startswith("_"):
                 ignored.append(key)
@@ -54,6 +55,14 @@ class ModelConfig:
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
+
+
+def maybe_checkpoint(module: nn.Module, *args):
+    """Run `module(*args)`, recomputing it in the backward pass when the module has
+    `gradient_checkpointing` set and gradients are being recorded."""
+    if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
 
 
 class ConfigModel(nn.Module):

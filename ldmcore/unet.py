@@ -12,10 +12,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import Transformer2DModel
-from .modeling import ConfigModel, ModelConfig
+from .modeling import ConfigModel, ModelConfig, maybe_checkpoint
 from .resnet import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
 from .weights import CheckpointError
 
@@ -115,12 +114,6 @@ class UNetConfig(ModelConfig):
     @property
     def depths(self) -> tuple[int, ...]:
         return self.per_level(self.transformer_layers_per_block, "transformer_layers_per_block")
-
-
-def _maybe_checkpoint(module: nn.Module, *args):
-    if module.gradient_checkpointing and module.training and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
 
 
 class DownBlock(nn.Module):
@@ -274,7 +267,7 @@ class UNet(ConfigModel):
         x = self.conv_in(sample)  # (b, c0, h, w)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = _maybe_checkpoint(block, x, temb, context)
+            x, block_skips = maybe_checkpoint(block, x, temb, context)
             skips.extend(block_skips)
 
         if down_block_additional_residuals is not None:
@@ -284,7 +277,7 @@ class UNet(ConfigModel):
                 )
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
 
-        x = _maybe_checkpoint(self.mid_block, x, temb, context)  # (b, c_last, h/8, w/8)
+        x = maybe_checkpoint(self.mid_block, x, temb, context)  # (b, c_last, h/8, w/8)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
 
@@ -292,7 +285,7 @@ class UNet(ConfigModel):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             upsample_size = skips[-1].shape[-2:] if skips else None
-            x = _maybe_checkpoint(block, x, temb, context, block_skips, upsample_size)
+            x = maybe_checkpoint(block, x, temb, context, block_skips, upsample_size)
 
         x = F.silu(self.conv_norm_out(x))
         return self.conv_out(x)  # (b, out_channels, h, w)

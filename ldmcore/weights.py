@@ -87,6 +87,14 @@ def describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
         return "the file holds LoRA weights; load it as an adapter, not as a model"
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in unexpected):
         return "this is an original single-file checkpoint; load it with ldmcore.load_components"
+    if any(k.startswith(("encoder.", "decoder.")) for k in missing) and any(
+        k.startswith(("down_blocks.", "up_blocks.", "conv_in.")) for k in unexpected
+    ):
+        return "the file holds a U-Net, not a VAE"
+    if any(k.startswith(("down_blocks.", "up_blocks.")) for k in missing) and any(
+        k.startswith(("encoder.", "decoder.")) for k in unexpected
+    ):
+        return "the file holds a VAE, not a U-Net"
     if not everything:
         return ""
     return "the checkpoint and the config describe different architectures"

@@ -1,0 +1,171 @@
+"""Training-step time and peak memory of ldmcore.UNet against diffusers' UNet2DConditionModel.
+
+Both models get the same weights (seeded per parameter name) and the same inputs; a step is the
+forward pass, an MSE loss against a fixed target and the backward pass into every parameter.
+Each (implementation, dtype) pair runs in its own subprocess so that memory peaks stay apart.
+
+    python bench/unet_step.py                       # SD 1.5 at 512 px, batch 1, fp32 and bf16
+    python bench/unet_step.py --resolution 256 --steps 3
+
+Memory: on CUDA the peak of torch's allocator over the timed steps (weights included); on CPU the
+rise of the process's peak resident memory above what it held before the timed steps (weights
+excluded, since the two processes import different libraries; large allocations go through mmap
+so that freed tensors leave the resident set). Targets: step time <= 0.8x, memory <= 0.9x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_cpu_peak() -> None:
+    # Writing 5 to clear_refs resets VmHWM (the peak) to the current RSS (Linux >= 4.0).
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def build(impl: str, preset: str, dtype, device):
+    import torch
+
+    from ldmcore.presets import get_preset
+
+    cfg = dict(get_preset(preset).unet)
+    with torch.device("meta"):
+        if impl == "ldmcore":
+            from ldmcore.unet import UNet
+
+            model = UNet.from_config(cfg)
+        else:
+            from diffusers import UNet2DConditionModel
+
+            model = UNet2DConditionModel(**cfg)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+    return model.to(dtype).train(), cfg
+
+
+def worker(args) -> dict:
+    import torch
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    torch.manual_seed(0)
+    model, cfg = build(args.worker, args.preset, dtype, device)
+    side = args.resolution // 8
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, cfg["in_channels"], side, side, generator=g).to(device, dtype)
+    ctx = torch.randn(args.batch, 77, cfg["cross_attention_dim"], generator=g).to(device, dtype)
+    target = torch.randn(x.shape, generator=g).to(device, dtype)
+    t = torch.full((args.batch,), 500, device=device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, ctx)
+        out = out if isinstance(out, torch.Tensor) else out.sample
+        loss = torch.nn.functional.mse_loss(out.float(), target.float())
+        loss.backward()
+        return loss.item()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    first_loss = None
+    for _ in range(args.warmup):
+        first_loss = step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_cpu_peak()
+        base = _rss_kib("VmRSS")
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - start)
+        first_loss = first_loss if first_loss is not None else loss
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = (_rss_kib("VmHWM") - base) / 1024
+    times.sort()
+    return {"step_s": times[len(times) // 2], "peak_mib": peak, "loss": first_loss}
+
+
+def run_worker(impl: str, dtype: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--dtype", dtype]
+    for key in ("preset", "resolution", "batch", "steps", "warmup", "device"):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    # Large blocks through mmap, so that freed tensors leave the resident set and its peak
+    # measures live memory rather than what glibc keeps cached.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{impl} {dtype} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="sd15")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    device_name = args.device
+    if args.device == "cuda":
+        import torch
+
+        device_name = torch.cuda.get_device_name()
+    print(f"UNet training step: {args.preset}, {args.resolution} px, batch {args.batch}, {device_name}")
+    print(f"{'dtype':6} {'impl':10} {'step ms':>9} {'peak MiB':>9} {'loss':>12}")
+    for dtype in args.dtypes.split(","):
+        rows = {impl: run_worker(impl, dtype, args) for impl in ("diffusers", "ldmcore")}
+        for impl, r in rows.items():
+            print(f"{dtype:6} {impl:10} {r['step_s'] * 1e3:9.1f} {r['peak_mib']:9.0f} {r['loss']:12.6g}")
+        d, o = rows["diffusers"], rows["ldmcore"]
+        print(
+            f"{dtype:6} {'ratio':10} {o['step_s'] / d['step_s']:9.3f}x {o['peak_mib'] / max(d['peak_mib'], 1e-9):8.3f}x"
+            f"   (targets: time <= 0.8x, memory <= 0.9x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
