@@ -76,12 +76,16 @@ def worker(args) -> dict:
     side = args.resolution // 8
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, cfg["in_channels"], side, side, generator=g).to(device, dtype)
+    if args.grads == "input":  # a frozen base, as under LoRA or ControlNet: backprop through, no weight grads
+        model.requires_grad_(False)
+        x.requires_grad_(True)
     ctx = torch.randn(args.batch, 77, cfg["cross_attention_dim"], generator=g).to(device, dtype)
     target = torch.randn(x.shape, generator=g).to(device, dtype)
     t = torch.full((args.batch,), 500, device=device)
 
     def step():
         model.zero_grad(set_to_none=True)
+        x.grad = None
         out = model(x, t, ctx)
         out = out if isinstance(out, torch.Tensor) else out.sample
         loss = torch.nn.functional.mse_loss(out.float(), target.float())
@@ -118,7 +122,7 @@ def worker(args) -> dict:
 
 def run_worker(impl: str, dtype: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--dtype", dtype]
-    for key in ("preset", "resolution", "batch", "steps", "warmup", "device"):
+    for key in ("preset", "resolution", "batch", "steps", "warmup", "device", "grads"):
         cmd += [f"--{key}", str(getattr(args, key))]
     # Large blocks through mmap, so that freed tensors leave the resident set and its peak
     # measures live memory rather than what glibc keeps cached.
@@ -139,6 +143,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--grads",
+        default="all",
+        choices=["all", "input"],
+        help="all: every weight gets a gradient (full fine-tune); input: frozen weights, backprop to the input (LoRA-like)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device is None:
@@ -154,7 +164,9 @@ def main() -> None:
         import torch
 
         device_name = torch.cuda.get_device_name()
-    print(f"UNet training step: {args.preset}, {args.resolution} px, batch {args.batch}, {device_name}")
+    print(
+        f"UNet training step: {args.preset}, {args.resolution} px, batch {args.batch}, grads={args.grads}, {device_name}"
+    )
     print(f"{'dtype':6} {'impl':10} {'step ms':>9} {'peak MiB':>9} {'loss':>12}")
     for dtype in args.dtypes.split(","):
         rows = {impl: run_worker(impl, dtype, args) for impl in ("diffusers", "ldmcore")}

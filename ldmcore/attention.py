@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lean import geglu
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> torch.Tensor:
     """Multi-head scaled dot-product attention on (batch, tokens, heads * dim_head) tensors.
@@ -64,8 +66,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, gate = self.proj(x).chunk(2, dim=-1)
-        return hidden * F.gelu(gate)
+        return geglu(self.proj(x))  # (b, n, dim_out)
 
 
 class FeedForward(nn.Module):

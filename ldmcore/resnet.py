@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lean import group_norm_silu
+
 
 def timestep_embedding(
     timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0, max_period: float = 10000.0
@@ -58,10 +60,10 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (b, out, h, w)
+        h = self.conv1(group_norm_silu(x, self.norm1))  # (b, out, h, w)
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(group_norm_silu(h, self.norm2)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = skip + h
         if self.output_scale_factor != 1.0:

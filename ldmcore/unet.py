@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import Transformer2DModel
 from .modeling import ConfigModel, ModelConfig, maybe_checkpoint
+from .lean import group_norm_silu
 from .resnet import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
 from .weights import CheckpointError
 
@@ -287,5 +288,5 @@ class UNet(ConfigModel):
             upsample_size = skips[-1].shape[-2:] if skips else None
             x = maybe_checkpoint(block, x, temb, context, block_skips, upsample_size)
 
-        x = F.silu(self.conv_norm_out(x))
+        x = group_norm_silu(x, self.conv_norm_out)
         return self.conv_out(x)  # (b, out_channels, h, w)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
+from .lean import group_norm_silu
 from .modeling import ConfigModel, ModelConfig, maybe_checkpoint
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from .weights import CheckpointError
@@ -192,7 +193,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = maybe_checkpoint(block, x)  # (b, c_i, h / 2^i, w / 2^i)
         x = maybe_checkpoint(self.mid_block, x)  # (b, c_last, h/f, w/f)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (b, 2 * latent, h/f, w/f)
+        return self.conv_out(group_norm_silu(x, self.conv_norm_out))  # (b, 2 * latent, h/f, w/f)
 
 
 class Decoder(nn.Module):
@@ -214,7 +215,7 @@ class Decoder(nn.Module):
         x = maybe_checkpoint(self.mid_block, x)
         for block in self.up_blocks:
             x = maybe_checkpoint(block, x)  # (b, c_i, 2x the size, unless last)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (b, out_channels, h, w)
+        return self.conv_out(group_norm_silu(x, self.conv_norm_out))  # (b, out_channels, h, w)
 
 
 class AutoencoderKL(ConfigModel):
