@@ -1,0 +1,401 @@
+"""Whole models on disk: a diffusers-layout folder or an original single-file checkpoint, both ways.
+
+`load_components(path)` accepts either and returns the same `Components`; `Components` saves to
+either. Single files written here carry their component configs in the safetensors metadata, so
+they load back exactly; foreign single files are recognised from their keys (see single_file.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .presets import SD15, SD21, Preset, get_preset
+from .schedule import NoiseSchedule
+from .single_file import TEXT_PREFIXES, detect_family, diffusers_to_original, original_to_diffusers
+from .text import PromptEncoder
+from .unet import UNet
+from .vae import AutoencoderKL
+from .weights import CheckpointError, read_state_dict
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+METADATA_KEY = "ldm_tune.components"  # JSON of the component configs in single files we write
+TEXT_PREFIX = "text_model."  # the layout transformers 4.x writes and 5.x still reads
+
+
+@dataclasses.dataclass
+class Components:
+    """The parts of a Stable Diffusion model, loaded and ready."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: torch.nn.Module  # transformers.CLIPTextModel
+    tokenizer: Any  # transformers.CLIPTokenizer
+    schedule: NoiseSchedule
+    text_kind: str = "clip"  # how the text encoder is written in single files: "clip" or "openclip"
+
+    @classmethod
+    def from_preset(cls, preset: str | Preset, tokenizer, seed: int = 0) -> Components:
+        """Freshly initialised components of a family (weights random, as for training from scratch).
+        The text encoder's vocabulary is sized to the tokenizer."""
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        preset = get_preset(preset) if isinstance(preset, str) else preset
+        torch.manual_seed(seed)
+        special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        text_config = CLIPTextConfig(**{**preset.text_encoder, "vocab_size": len(tokenizer), **special})
+        return cls(
+            unet=UNet.from_config(dict(preset.unet)).eval(),
+            vae=AutoencoderKL.from_config(dict(preset.vae)).eval(),
+            text_encoder=CLIPTextModel(text_config).eval(),
+            tokenizer=tokenizer,
+            schedule=NoiseSchedule.from_config(preset.scheduler),
+            text_kind=preset.text_kind,
+        )
+
+    def prompt_encoder(self, clip_skip: int = 0, max_windows: int = 3) -> PromptEncoder:
+        return PromptEncoder(self.tokenizer, self.text_encoder, clip_skip=clip_skip, max_windows=max_windows)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Components:
+        for model in (self.unet, self.vae, self.text_encoder):
+            model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write a diffusers pipeline folder (diffusers' from_pretrained loads it), atomically."""
+        folder = Path(folder)
+        with _atomic_dir(folder) as tmp:
+            self.unet.save_pretrained(tmp / "unet")
+            self.vae.save_pretrained(tmp / "vae")
+            _save_text_encoder(self.text_encoder, tmp / "text_encoder")
+            _save_tokenizer(self.tokenizer, tmp / "tokenizer")
+            (tmp / "scheduler").mkdir()
+            sched = {"_class_name": "DDIMScheduler", **self.schedule.to_config()}
+            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
+            pipeline = "StableDiffusionInpaintPipeline" if self.unet.config.in_channels == 9 else "StableDiffusionPipeline"
+            index = {
+                "_class_name": pipeline,
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            }
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write an original-layout single .safetensors file (A1111, ComfyUI and diffusers'
+        from_single_file open it), atomically. Our own configs ride along in its metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: single files are written as .safetensors only")
+        state = diffusers_to_original(
+            self.unet.state_dict(),
+            self.vae.state_dict(),
+            _text_state_dict(self.text_encoder),
+            self.unet.config.to_dict(),
+            self.vae.config.to_dict(),
+            self.text_kind,
+        )
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
+        meta = {
+            "unet": self.unet.config.to_dict(),
+            "vae": self.vae.config.to_dict(),
+            "text_encoder": _text_config_dict(self.text_encoder),
+            "scheduler": self.schedule.to_config(),
+            "text_kind": self.text_kind,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def load_components(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    tokenizer: str | os.PathLike | Any | None = None,
+    prediction_type: str | None = None,
+    config: str | os.PathLike | None = None,
+) -> Components:
+    """Load a diffusers-layout folder or an original single-file checkpoint.
+
+    `tokenizer` is needed only for foreign single files, which do not contain one: a tokenizer
+    folder or object (by default a `tokenizer/` folder beside the file is used). `prediction_type`
+    overrides the schedule's; single files cannot say whether they predict noise or v. `config`
+    is a diffusers model folder whose configs describe a single file of a non-standard architecture.
+    """
+    path = Path(path)
+    if path.is_dir():
+        parts = _load_folder(path, dtype, device)
+    elif path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        parts = _load_single_file(path, dtype, device, tokenizer, prediction_type, config)
+    elif path.exists():
+        raise CheckpointError(f"{path}: expected a diffusers model folder or a {'/'.join(SINGLE_FILE_SUFFIXES)} file")
+    else:
+        raise CheckpointError(f"{path}: no such file or folder")
+    if prediction_type is not None:
+        parts.schedule = dataclasses.replace(parts.schedule, prediction_type=prediction_type)
+    return parts
+
+
+def _load_folder(folder: Path, dtype, device) -> Components:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    needed = ["unet", "vae", "text_encoder", "tokenizer"]
+    missing = [name for name in needed if not (folder / name).is_dir()]
+    if missing:
+        hint = ""
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            kind = json.loads(cfg.read_text()).get("_class_name", "a single component")
+            hint = f"; this is {kind} folder: point to the model folder above it, which holds {', '.join(needed)}"
+        raise CheckpointError(f"{folder}: missing {', '.join(m + '/' for m in missing)}{hint}")
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    if sched_file.is_file():
+        schedule = NoiseSchedule.from_config(json.loads(sched_file.read_text()), source=str(sched_file))
+    else:
+        log.warning("%s: no scheduler/scheduler_config.json; using the SD 1.x noise schedule", folder)
+        schedule = NoiseSchedule.from_config(SD15.scheduler)
+    unet = UNet.from_pretrained(folder / "unet", dtype, device)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype, device)
+    te_kwargs = {"dtype": dtype} if dtype is not None else {}
+    try:
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **te_kwargs).to(device).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    except (OSError, ValueError) as e:  # transformers' errors for missing or unreadable files
+        raise CheckpointError(f"{folder}: could not load the text encoder or tokenizer: {e}") from e
+    hidden = text_encoder.config.hidden_size
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        text_kind="openclip" if hidden == SD21.text_encoder["hidden_size"] else "clip",
+    )
+
+
+def _load_single_file(path: Path, dtype, device, tokenizer, prediction_type, config) -> Components:
+    state = read_state_dict(path)
+    if config is not None:
+        configs = _configs_from_folder(Path(config), state)
+    else:
+        configs = _configs_from_metadata(path) or _configs_for_foreign_file(path, state, prediction_type)
+    try:
+        parts = original_to_diffusers(
+            state, configs["unet"], configs["vae"], configs["text_kind"], configs["text_encoder"]["num_hidden_layers"]
+        )
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    unet = _build(UNet, configs["unet"], parts["unet"], f"{path} (U-Net)", dtype, device)
+    vae = _build(AutoencoderKL, configs["vae"], parts["vae"], f"{path} (VAE)", dtype, device)
+    text_encoder = _build_text_encoder(configs["text_encoder"], parts["text_encoder"], path, dtype, device)
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_find_tokenizer(path, tokenizer),
+        schedule=NoiseSchedule.from_config(configs["scheduler"]),
+        text_kind=configs["text_kind"],
+    )
+
+
+def _configs_from_metadata(path: Path) -> dict[str, Any] | None:
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def _configs_for_foreign_file(path: Path, state: dict[str, torch.Tensor], prediction_type: str | None) -> dict:
+    found = detect_family(state)
+    if found["family"] == "sd1":
+        preset = SD15
+    else:
+        # SD 2.x files do not say whether they are the 768 px v-prediction model or the 512 px base.
+        preset = get_preset("sd21" if prediction_type in (None, "v_prediction") else "sd21-base")
+        if prediction_type is None:
+            log.warning(
+                "%s: an SD 2.x checkpoint; assuming the 768 px v-prediction model. "
+                "Pass prediction_type='epsilon' for a 512 px base model.",
+                path,
+            )
+    unet = {**preset.unet, "in_channels": found["in_channels"]}
+    text = dict(preset.text_encoder)
+    token_emb = _find_key(state, "token_embedding.weight")
+    if token_emb is not None:
+        text["vocab_size"] = token_emb.shape[0]
+    return {
+        "unet": unet,
+        "vae": preset.vae,
+        "text_encoder": text,
+        "scheduler": preset.scheduler,
+        "text_kind": found["text_kind"] or preset.text_kind,
+    }
+
+
+def _configs_from_folder(folder: Path, state: dict[str, torch.Tensor]) -> dict:
+    """Configs of a diffusers model folder, used to read a single file of the same architecture."""
+    def read(*parts: str) -> dict:
+        f = folder.joinpath(*parts)
+        if not f.is_file():
+            raise CheckpointError(f"config={folder}: no {'/'.join(parts)}; pass a diffusers model folder")
+        return json.loads(f.read_text())
+
+    return {
+        "unet": read("unet", "config.json"),
+        "vae": read("vae", "config.json"),
+        "text_encoder": _text_config_dict_from(read("text_encoder", "config.json")),
+        "scheduler": read("scheduler", "scheduler_config.json"),
+        "text_kind": next((kind for kind, prefix in TEXT_PREFIXES.items() if any(k.startswith(prefix) for k in state)), "clip"),
+    }
+
+
+def _text_config_dict_from(raw: dict) -> dict:
+    return {k: v for k, v in raw.items() if k in _TEXT_CONFIG_KEYS and v is not None}
+
+
+def _find_key(state: dict[str, torch.Tensor], suffix: str) -> torch.Tensor | None:
+    return next((v for k, v in state.items() if k.startswith("cond_stage_model.") and k.endswith(suffix)), None)
+
+
+def _build(cls, config: dict, state: dict, source: str, dtype, device):
+    from .weights import load_strict
+
+    with torch.device("meta"):
+        model = cls.from_config(dict(config))
+    model.to_empty(device=device)
+    load_strict(model, state, source)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _build_text_encoder(config: dict, state: dict, path: Path, dtype, device):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .weights import load_strict
+
+    model = CLIPTextModel(CLIPTextConfig(**config))
+    load_strict(model, _fit_text_keys(state, model), f"{path} (text encoder)")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _fit_text_keys(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Match the `text_model.` nesting to the installed transformers (4.x has it, 5.x does not)."""
+    nested = next(iter(model.state_dict())).startswith(TEXT_PREFIX)
+    out = {}
+    for k, v in state.items():
+        bare = k[len(TEXT_PREFIX) :] if k.startswith(TEXT_PREFIX) else k
+        out[TEXT_PREFIX + bare if nested else bare] = v
+    # position_ids is a buffer in some transformers versions and absent in others
+    own = model.state_dict()
+    return {k: v for k, v in out.items() if k in own or not k.endswith("position_ids")}
+
+
+def _text_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The text encoder's weights in the canonical `text_model.*` layout, without buffers."""
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    return {k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k: v for k, v in sd.items()}
+
+
+_TEXT_CONFIG_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "hidden_act", "projection_dim", "bos_token_id", "eos_token_id", "pad_token_id",
+)
+
+
+def _text_config_dict(model: torch.nn.Module) -> dict[str, Any]:
+    return _text_config_dict_from(model.config.to_dict())
+
+
+def _save_text_encoder(model: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    model.config.to_json_file(str(folder / "config.json"))
+    state = {k: v.detach().contiguous().cpu() for k, v in _text_state_dict(model).items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    """tokenizer.json for fast tokenizers, plus vocab.json and merges.txt that the slow
+    CLIPTokenizer of older transformers needs."""
+    tokenizer.save_pretrained(str(folder))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not (folder / "vocab.json").exists():
+        model = json.loads(backend.to_str())["model"]
+        (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def _find_tokenizer(path: Path, tokenizer):
+    from transformers import CLIPTokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    candidates = [Path(tokenizer)] if tokenizer is not None else [path.parent / "tokenizer", path.with_suffix("") / "tokenizer"]
+    for folder in candidates:
+        if folder.is_dir():
+            return CLIPTokenizer.from_pretrained(str(folder))
+    raise CheckpointError(
+        f"{path}: single-file checkpoints carry no tokenizer. Pass tokenizer=FOLDER (for example the tokenizer/ "
+        "folder of any SD 1.x or 2.x diffusers model; the CLIP vocabulary is the same) or put a tokenizer/ "
+        f"folder beside the file (looked in: {', '.join(str(c) for c in candidates)})"
+    )
+
+
+class _atomic_dir:
+    """Build a folder under a temporary name and move it into place only when complete."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.target, old)
+            os.replace(self.tmp, self.target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.target)
+        return False

@@ -1,0 +1,132 @@
+"""Generation: prompt -> latents -> images, text-to-image and image-to-image.
+
+One function does both: `init_image` with `strength` starts part-way down the noise grid from the
+encoded picture instead of from pure noise. Sampling runs in float32 whatever the models' dtype.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoints import Components
+from .samplers import Denoiser, classifier_free_guidance, ddim, ddpm, dpmpp_2m, euler, img2img_start, sigma_grid
+from .text import pad_to_same_length
+
+# name -> (sampler, the diffusers scheduler family whose step grid it uses)
+SAMPLERS = {
+    "ddpm": (ddpm, "ddpm"),
+    "ddim": (ddim, "ddim"),
+    "euler": (euler, "euler"),
+    "dpmpp_2m": (dpmpp_2m, "dpm"),
+}
+
+
+def images_to_tensor(images: Sequence[Image.Image], device=None) -> torch.Tensor:
+    """PIL images -> (b, 3, h, w) float32 in [-1, 1], the VAE's input range."""
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(device)
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(b, 3, h, w) in [-1, 1] -> PIL images."""
+    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+@torch.no_grad()
+def generate(
+    components: Components,
+    prompt: str | Sequence[str],
+    *,
+    negative_prompt: str | Sequence[str] = "",
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int = 30,
+    guidance_scale: float = 7.5,
+    sampler: str = "dpmpp_2m",
+    karras: bool = False,
+    eta: float = 0.0,
+    clip_skip: int = 0,
+    init_image: Image.Image | Sequence[Image.Image] | None = None,
+    strength: float = 0.8,
+    output: str = "pil",
+    progress: bool = False,
+    callback: Callable[[dict], None] | None = None,
+) -> list[Image.Image] | torch.Tensor:
+    """Sample images for `prompt` (one image per prompt).
+
+    `init_image` turns this into img2img: the picture is encoded, noised to the level that
+    `strength` selects (1.0 = pure noise, as text-to-image) and denoised from there. The seed
+    fixes the noise: a CPU generator, so the same seed gives the same start on every device.
+    `output="latent"` returns the final latents instead of images.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+    unet, vae = components.unet, components.vae
+    device, dtype = unet.device, unet.dtype
+    factor = components.vae_scale_factor
+    default_side = unet.config.sample_size * factor
+    height, width = height or default_side, width or default_side
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+
+    encoder = components.prompt_encoder(clip_skip=clip_skip)
+    cond = encoder(prompts)
+    uncond = encoder(negatives)
+    cond, uncond = pad_to_same_length(cond, uncond, encoder([""]))
+
+    def unet_call(x_t, t, encoder_hidden_states):
+        return unet(x_t.to(dtype), t, encoder_hidden_states.to(dtype)).float()
+
+    model = classifier_free_guidance(unet_call, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}, guidance_scale)
+    step_fn, grid_style = SAMPLERS[sampler]
+    if sampler == "ddim":
+        step_fn = functools.partial(ddim, eta=eta)
+    sigmas = sigma_grid(components.schedule, steps, like=grid_style, karras=karras)
+
+    # Draws from one CPU generator in diffusers' order (img2img: the posterior sample, then the
+    # noise), so a seed gives the same start as diffusers' pipelines on any device.
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(prompts), unet.config.out_channels, height // factor, width // factor)
+    if init_image is None:
+        noise = torch.randn(shape, generator=generator).to(device)
+        x = noise * (1 + sigmas[0] ** 2).sqrt().item()
+    else:
+        images = [init_image] if isinstance(init_image, Image.Image) else list(init_image)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} init images")
+        images = [im.convert("RGB").resize((width, height), Image.BICUBIC) for im in images]
+        pixels = images_to_tensor(images, device).to(vae.dtype)
+        x0 = vae.scale(vae.encode(pixels).sample(generator)).float()
+        noise = torch.randn(shape, generator=generator).to(device)
+        start, x = img2img_start(sigmas, strength, x0, noise)
+        sigmas = sigmas[start:]
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(sigmas) - 1, desc="sampling", unit="step")
+
+    def on_step(info: dict) -> None:
+        if bar is not None:
+            bar.update(1)
+        if callback is not None:
+            callback(info)
+
+    x = step_fn(Denoiser(model, components.schedule), x, sigmas, generator=generator, callback=on_step)
+    if bar is not None:
+        bar.close()
+    latents = x / (1 + sigmas[-1] ** 2).sqrt().item()
+    if output == "latent":
+        return latents
+    return tensor_to_images(vae.decode(vae.unscale(latents).to(vae.dtype)))
