@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 test: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# SD 1.5 at 512 px by default; on a CPU pass e.g. BENCH_ARGS="--resolution 256 --grads input"
 bench: venv
-	$(PY) bench/unet_step.py
+	$(PY) bench/unet_step.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

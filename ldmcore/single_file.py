@@ -18,7 +18,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from .weights import CheckpointError, _preview
+from .weights import CheckpointError, preview_keys
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 TEXT_PREFIXES = {"clip": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model."}
@@ -72,7 +72,7 @@ def _convert(state_dict: Mapping[str, torch.Tensor], modules: list[_Module], to_
             tensor = tensor[:, :, None, None] if to_original else tensor.flatten(1)  # (o, i) <-> (o, i, 1, 1)
         out[_join(m.original if to_original else m.diffusers, new_rest)] = tensor
     if unclaimed:
-        raise CheckpointError(f"{what}: the config does not describe {_preview(sorted(unclaimed))} in {where}; {hint}")
+        raise CheckpointError(f"{what}: the config does not describe {preview_keys(sorted(unclaimed))} in {where}; {hint}")
     expected = (
         _join(m.diffusers, r) if to_original else _join(m.original, _rename_inner(r, m.inner, True))
         for m in modules
@@ -80,7 +80,7 @@ def _convert(state_dict: Mapping[str, torch.Tensor], modules: list[_Module], to_
     )
     missing = [shown + k for k in expected if k not in state_dict]
     if missing:
-        raise CheckpointError(f"{what}: {where} lacks {_preview(missing)}, which the config expects; {hint}")
+        raise CheckpointError(f"{what}: {where} lacks {preview_keys(missing)}, which the config expects; {hint}")
     return out
 
 
@@ -369,4 +369,4 @@ def _refuse_other_formats(keys: list[str]) -> None:
             f"this looks like a diffusers-layout state dict (keys such as {diffusers_like[0]!r}), not an original "
             "single-file checkpoint: load it as a diffusers model folder (from_pretrained) instead"
         )
-    raise CheckpointError(f"no model.diffusion_model.* keys, so not a Stable Diffusion checkpoint; keys: {_preview(keys)}")
+    raise CheckpointError(f"no model.diffusion_model.* keys, so not a Stable Diffusion checkpoint; keys: {preview_keys(keys)}")

@@ -69,7 +69,7 @@ def find_weights(folder: Path, stem: str) -> Path:
     raise CheckpointError(f"{folder}: no {stem}.safetensors or {stem}.bin{hint}")
 
 
-def _preview(keys: list[str], n: int = 5) -> str:
+def preview_keys(keys: list[str], n: int = 5) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
@@ -108,9 +108,9 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     if missing or unexpected:
         parts = [f"{source}: the weights do not fit {type(module).__name__}"]
         if missing:
-            parts.append(f"missing {len(missing)} keys: {_preview(missing)}")
+            parts.append(f"missing {len(missing)} keys: {preview_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys: {_preview(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)} keys: {preview_keys(unexpected)}")
         guess = describe_mismatch(missing, unexpected)
         if guess:
             parts.append(f"likely cause: {guess}")
