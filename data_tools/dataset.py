@@ -1,0 +1,70 @@
+"""Training batches from the precomputed cache: posteriors, text embeddings, masks, control images.
+
+Nothing is encoded here. Per item and epoch the dataset picks one view (the picture or its mirror),
+one caption and one mask variant, each derived from (seed, epoch, item) so that a resumed run picks
+what the uninterrupted run would have. The posterior is returned as mean and std: the trainer
+draws the latent sample with its own generator.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .precompute import STORES, CacheItem, CachePlan
+from .store import ShardReader
+
+
+class CachedDataset(Dataset):
+    def __init__(self, cache_dir: str | os.PathLike, plan: CachePlan | None = None, seed: int = 0):
+        self.cache_dir = Path(cache_dir)
+        self.plan = plan or CachePlan.load(self.cache_dir)
+        self.seed = seed
+        self.epoch = 0
+        self.stores = {s: ShardReader(self.cache_dir / s) for s in STORES}
+        missing = [k for item in self.plan.items for k in item.latents if k not in self.stores["latents"]]
+        if missing:
+            raise RuntimeError(
+                f"{self.cache_dir}: {len(missing)} images are not in the cache (first key {missing[0]}); "
+                "run `python -m data_tools precompute` again to complete it"
+            )
+
+    def __len__(self) -> int:
+        return len(self.plan.items)
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """The bucket of every item, for `BucketBatchSampler`."""
+        return [item.bucket for item in self.plan.items]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _choice(self, item: int, n: int, what: str) -> int:
+        return random.Random(f"{self.seed}:{self.epoch}:{item}:{what}").randrange(n) if n > 1 else 0
+
+    def __getitem__(self, i: int) -> dict:
+        item: CacheItem = self.plan.items[i]
+        view = self._choice(i, len(item.latents), "view")
+        latent = self.stores["latents"].get(item.latents[view])
+        text_key = item.texts[self._choice(i, len(item.texts), "caption")] if item.texts else self.plan.empty_text
+        out = {
+            "mean": latent["mean"],  # (4, h, w) fp16
+            "std": latent["std"],
+            "text": self.stores["text"].get(text_key)["hidden"],  # (77 * windows, width) fp16
+            "is_class": torch.tensor(item.role == "class"),
+        }
+        if item.inpaint and item.inpaint[view]:
+            variants = item.inpaint[view]
+            entry = self.stores["inpaint"].get(variants[self._choice(i, len(variants), "mask")])
+            out["mask"], out["masked_mean"] = entry["mask"], entry["masked_mean"]  # (1, h, w), (4, h, w)
+        if item.control:
+            out["control"] = self.stores["control"].get(item.control[view])["image"]  # (3, H, W) uint8
+        return out
+
+    def empty_text(self) -> torch.Tensor:
+        """The empty caption's embedding, for caption dropout (classifier-free guidance)."""
+        return self.stores["text"].get(self.plan.empty_text)["hidden"]
