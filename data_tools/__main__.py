@@ -112,9 +112,60 @@ def summary(manifest: Manifest) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# precompute
+
+
+def add_precompute(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "precompute", help="encode every image and caption once into the cache the trainers read",
+        description="Read the model and data sections of CONFIG (a training config works as is), scan the "
+                    "data, and encode what the cache lacks. Safe to rerun; under `accelerate launch -m "
+                    "data_tools precompute` every process encodes its share.")
+    p.add_argument("config", metavar="CONFIG", help="YAML with model.path and a data section")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.resolution=768")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_precompute)
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    import torch
+    from accelerate import PartialState
+    from pydantic import ConfigDict
+
+    from data_tools.config import DataConfig
+    from data_tools.precompute import cache_dir_for, prepare_cache
+    from data_tools.schema import ConfigError, Strict, load_config
+    from ldmcore.checkpoints import load_components
+    from ldmcore.weights import CheckpointError
+
+    class Model(Strict):
+        path: str
+
+    class PrecomputeConfig(Strict):
+        model_config = ConfigDict(extra="ignore")  # the other sections of a training config
+        model: Model
+        data: DataConfig
+
+    try:
+        cfg = load_config(PrecomputeConfig, args.config, args.overrides)
+        state = PartialState()
+        parts = load_components(cfg.model.path, dtype=torch.float32, device=state.device)
+        plan, report = prepare_cache(cfg.data, parts.vae, parts.prompt_encoder(cfg.data.clip_skip, cfg.data.max_windows),
+                                     progress=not args.no_progress)
+    except (ConfigError, CheckpointError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if state.is_main_process:
+        print(f"cache: {cache_dir_for(cfg.data)}")
+        print(f"  {len(plan.items)} images; {report.already_cached} views already cached; "
+              f"encoded {report.images_encoded} views here at {report.images_per_second:.1f} images/s "
+              f"and {report.captions_encoded} captions")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # the dispatcher
 
-COMMANDS = [add_scan]  # precompute: add_precompute(subparsers) sets run=run_precompute; list it here
+COMMANDS = [add_scan, add_precompute]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(subparsers)
-    args = parser.parse_args(argv)  # argparse itself exits with 2 and the usage on a bad argument
+    # argparse exits with 2 and the usage on a bad argument. key=value overrides may come after
+    # flags too, which plain positional parsing would refuse: collect those for commands taking them.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args)
     except UsageError as e:

@@ -302,3 +302,32 @@ def _encode_masked(batch, jobs, vae, factor: int, writer: ShardWriter, have) -> 
             key = jobs[i].inpaint[k]
             if key not in have:
                 writer.add(key, {"mask": small[b].half(), "masked_mean": post.mean[b].half()})
+
+
+def cache_dir_for(cfg: DataConfig) -> Path:
+    """Where the cache lives: `data.cache.dir`, else a hidden folder inside the dataset (scans skip it)."""
+    return Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.path) / ".ldm_cache"
+
+
+def prepare_cache(cfg: DataConfig, vae, prompt_encoder, *, progress: bool = True) -> tuple[CachePlan, PrecomputeReport]:
+    """Scan the dataset and bring its cache up to date: what the `precompute` command and the
+    trainers call. Under `accelerate launch` every process takes its share of the work."""
+    from accelerate import PartialState
+
+    from .scan import scan
+
+    state = PartialState()
+    cache_dir = cache_dir_for(cfg)
+    manifest = scan(
+        cfg.path, instance_prompt=cfg.instance_prompt, class_path=cfg.class_path, class_prompt=cfg.class_prompt,
+        min_side=cfg.min_side, max_aspect=cfg.max_aspect, background=cfg.background,
+        progress=progress and state.is_main_process,
+    )
+    if not manifest.records:
+        raise ValueError(f"{cfg.path}: no usable images ({manifest.skipped_by_reason()}); run `python -m data_tools scan` for details")
+    if state.is_main_process:
+        manifest.save(cache_dir / "scan_report.json")
+    return precompute(
+        manifest, vae, prompt_encoder, cfg, cache_dir, rank=state.process_index, world_size=state.num_processes,
+        barrier=state.wait_for_everyone if state.num_processes > 1 else None, progress=progress and state.is_main_process,
+    )

@@ -187,3 +187,34 @@ def test_inpainting_masks_control_maps_and_flips(parts, dataset, tmp_path):
         data.set_epoch(epoch)
         seen.add(data[0]["mean"].sum().item())
     assert seen == views
+
+
+def test_precompute_command(parts, dataset, tmp_path):
+    parts.save_pretrained(tmp_path / "model")
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        method: lora            # sections the command does not read are left for the trainer
+        model: {{path: {tmp_path / 'model'}}}
+        data:
+          path: {dataset}
+          resolution: 64
+          bucket_step: 16
+          min_side: 32
+          cache: {{dir: {tmp_path / 'cache'}, num_workers: 1}}
+    """))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "data_tools", "precompute", str(cfg), "--no-progress", *args],
+                              cwd=str(ROOT), capture_output=True, text=True)
+
+    first = cli()
+    assert first.returncode == 0, first.stderr
+    assert f"{len(SIZES)} images; 0 views already cached; encoded {len(SIZES)} views" in first.stdout
+    assert len(CachedDataset(tmp_path / "cache")) == len(SIZES)
+    assert (tmp_path / "cache" / "scan_report.json").is_file()
+    again = cli()
+    assert f"{len(SIZES)} views already cached; encoded 0 views" in again.stdout
+    typo = cli("data.resolutoin=96")
+    assert typo.returncode == 2
+    assert "unknown key 'data.resolutoin'; did you mean 'data.resolution'?" in typo.stderr
+    assert "Traceback" not in typo.stderr
