@@ -129,11 +129,10 @@ def add_precompute(subparsers: argparse._SubParsersAction) -> None:
 
 def run_precompute(args: argparse.Namespace) -> int:
     import torch
-    from accelerate import PartialState
     from pydantic import ConfigDict
 
     from data_tools.config import DataConfig
-    from data_tools.precompute import cache_dir_for, prepare_cache
+    from data_tools.precompute import cache_dir_for, prepare_cache, process_state
     from data_tools.schema import ConfigError, Strict, load_config
     from ldmcore.checkpoints import load_components
     from ldmcore.weights import CheckpointError
@@ -148,7 +147,7 @@ def run_precompute(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(PrecomputeConfig, args.config, args.overrides)
-        state = PartialState()
+        state = process_state()
         parts = load_components(cfg.model.path, dtype=torch.float32, device=state.device)
         plan, report = prepare_cache(cfg.data, parts.vae, parts.prompt_encoder(cfg.data.clip_skip, cfg.data.max_windows),
                                      progress=not args.no_progress)

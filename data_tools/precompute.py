@@ -304,6 +304,14 @@ def _encode_masked(batch, jobs, vae, factor: int, writer: ShardWriter, have) -> 
                 writer.add(key, {"mask": small[b].half(), "masked_mean": post.mean[b].half()})
 
 
+def process_state():
+    """accelerate's view of this process (rank, count, device). Without a GPU, processes launched
+    together form a CPU (gloo) group; accelerate only does that when told the run is on CPU."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def cache_dir_for(cfg: DataConfig) -> Path:
     """Where the cache lives: `data.cache.dir`, else a hidden folder inside the dataset (scans skip it)."""
     return Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.path) / ".ldm_cache"
@@ -312,11 +320,9 @@ def cache_dir_for(cfg: DataConfig) -> Path:
 def prepare_cache(cfg: DataConfig, vae, prompt_encoder, *, progress: bool = True) -> tuple[CachePlan, PrecomputeReport]:
     """Scan the dataset and bring its cache up to date: what the `precompute` command and the
     trainers call. Under `accelerate launch` every process takes its share of the work."""
-    from accelerate import PartialState
-
     from .scan import scan
 
-    state = PartialState()
+    state = process_state()
     cache_dir = cache_dir_for(cfg)
     manifest = scan(
         cfg.path, instance_prompt=cfg.instance_prompt, class_path=cfg.class_path, class_prompt=cfg.class_prompt,

@@ -218,3 +218,23 @@ def test_precompute_command(parts, dataset, tmp_path):
     assert typo.returncode == 2
     assert "unknown key 'data.resolutoin'; did you mean 'data.resolution'?" in typo.stderr
     assert "Traceback" not in typo.stderr
+
+
+def test_accelerate_launch_with_two_processes_matches_one(parts, dataset, tmp_path):
+    parts.save_pretrained(tmp_path / "model")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{path: {tmp_path / 'model'}}}\n"
+                   f"data: {{path: {dataset}, resolution: 64, bucket_step: 16, min_side: 32,"
+                   f" cache: {{batch_size: 1, num_workers: 0}}}}\n")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_cpu_threads_per_process", "1", "-m", "data_tools", "precompute", str(cfg), "--no-progress"]
+    two = subprocess.run([*launcher, f"data.cache.dir={tmp_path / 'two'}"], cwd=str(ROOT), capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "data_tools", "precompute", str(cfg), "--no-progress",
+                          f"data.cache.dir={tmp_path / 'one'}"], cwd=str(ROOT), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    writers = {p.name.split("-")[1] for p in (tmp_path / "two" / "latents").glob("shard-*.safetensors")}
+    assert writers == {"r0", "r1"}
+    a, b = _all_entries(tmp_path / "two"), _all_entries(tmp_path / "one")
+    assert a.keys() == b.keys() and len(a) == len(SIZES)
+    assert all(torch.equal(a[k]["mean"], b[k]["mean"]) for k in a)
