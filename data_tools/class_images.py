@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .images import IMAGE_EXTENSIONS
+
 from ldmcore.checkpoints import Components
 from ldmcore.pipeline import generate
 
@@ -35,10 +37,6 @@ def batch_seed(seed: int, batch: int) -> int:
     return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
 
 
-def _readable_suffixes() -> set[str]:
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
-
 def scan_class_folder(folder: str | os.PathLike) -> tuple[dict[int, Path], list[Path], list[tuple[Path, str]]]:
     """What a class folder holds: (our generated images by index, other readable images by name,
     unreadable image files with the reason). Files that are not images (captions, notes) and
@@ -46,7 +44,7 @@ def scan_class_folder(folder: str | os.PathLike) -> tuple[dict[int, Path], list[
     ours: dict[int, Path] = {}
     others: list[Path] = []
     broken: list[tuple[Path, str]] = []
-    suffixes = _readable_suffixes()
+    suffixes = IMAGE_EXTENSIONS
     for path in sorted(Path(folder).iterdir()):
         if not path.is_file() or path.name.endswith(PARTIAL) or path.suffix.lower() not in suffixes:
             continue

@@ -17,14 +17,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from .images import IMAGE_EXTENSIONS
+
 SOURCE_KINDS = ("canny", "folder")
 
 Transform = Callable[[Image.Image], Image.Image]
-
-
-def readable_suffixes() -> set[str]:
-    """File suffixes PIL can open (lower case, with the dot)."""
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +71,7 @@ def find_conditioning(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"conditioning folder {folder} does not exist or is not a folder")
-    suffixes = readable_suffixes()
+    suffixes = IMAGE_EXTENSIONS
     by_stem: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix.lower() in suffixes:

@@ -12,6 +12,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
+# What counts as an image file wherever a folder is read (scan, control maps, class images). HEIC,
+# HEIF and AVIF are listed so that such files are reported as unusable rather than silently ignored.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif"}
+)
+
+
 class ImageError(ValueError):
     """Image bytes that cannot be used. `reason` is a code from `data_tools.records.REASONS`,
     `detail` says what is wrong in words, `source` names the file or dataset row when it is known."""

@@ -32,12 +32,9 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from data_tools.images import ImageError, dataset_image_bytes, load_rgb, load_saved_dataset, read_bytes
+from data_tools.images import IMAGE_EXTENSIONS, ImageError, dataset_image_bytes, load_rgb, load_saved_dataset, read_bytes
 from data_tools.records import ImageRecord, Manifest, Skipped
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif"}
-)
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption")
 
