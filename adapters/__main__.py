@@ -1,0 +1,163 @@
+"""`python -m adapters <command>`: LoRA files from the shell.
+
+- `export SOURCE --out DIR`: a LoRA file (or a training checkpoint folder holding
+  pytorch_lora_weights.safetensors) -> DIR/pytorch_lora_weights.safetensors (diffusers, peft) and
+  DIR/lora_kohya.safetensors (A1111, ComfyUI), metadata kept.
+- `merge BASE LORA --out PATH [--scale S]`: a model with the LoRA folded in; PATH ending in
+  .safetensors is written as an original single file, anything else as a diffusers folder.
+- `inspect FILE`: format, rank, alpha, targeted modules, text encoder, metadata.
+
+Exit codes: 0 done, 2 a bad path, file or argument (one line on stderr, never a traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A bad path or argument found after parsing; main prints it and exits with 2."""
+
+
+def _lora_file(source: str) -> Path:
+    from adapters.lora import DIFFUSERS_FILE
+
+    path = Path(source)
+    if path.is_dir():
+        if not (path / DIFFUSERS_FILE).is_file():
+            raise UsageError(f"{path}: the folder holds no {DIFFUSERS_FILE}")
+        return path / DIFFUSERS_FILE
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file or folder")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="write a LoRA in the diffusers and the kohya (A1111 / ComfyUI) layouts",
+        description="Read a LoRA file in either layout, or a training checkpoint folder holding "
+                    "pytorch_lora_weights.safetensors, and write both layouts to DIR.")
+    p.add_argument("source", metavar="SOURCE", help="a LoRA .safetensors file or a folder holding pytorch_lora_weights.safetensors")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the two files to")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from adapters.lora import DIFFUSERS_FILE, KOHYA_FILE, LoraSettings, load_lora_file, save_diffusers, save_kohya
+
+    source = _lora_file(args.source)
+    unet, text, meta = load_lora_file(source)
+    settings = LoraSettings.from_dict(meta["settings"])
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder")
+    save_diffusers(out / DIFFUSERS_FILE, unet, text, meta["user"], settings=settings)
+    print(f"wrote {out / DIFFUSERS_FILE}")
+    if settings.use_dora:  # save_kohya refuses DoRA; say why instead of failing the whole export
+        print(f"skipped {KOHYA_FILE}: DoRA adapters are written in the diffusers layout only")
+        return 0
+    save_kohya(out / KOHYA_FILE, unet, text, settings, meta["user"])
+    print(f"wrote {out / KOHYA_FILE}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+
+
+def add_merge(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "merge", help="fold a LoRA into a model's weights",
+        description="Load BASE (a diffusers model folder or an original single file), add scale * LoRA to "
+                    "its weights and save it: PATH ending in .safetensors as a single file, else as a diffusers folder.")
+    p.add_argument("base", metavar="BASE", help="diffusers model folder or single-file checkpoint")
+    p.add_argument("lora", metavar="LORA", help="LoRA file (either layout) or a folder holding pytorch_lora_weights.safetensors")
+    p.add_argument("--out", required=True, metavar="PATH", help="output: NAME.safetensors or a folder")
+    p.add_argument("--scale", type=float, default=1.0, metavar="S", help="LoRA strength (1.0)")
+    p.add_argument("--tokenizer", metavar="FOLDER", help="tokenizer folder, for single files that carry none")
+    p.set_defaults(run=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from adapters.lora import merge_lora
+    from ldmcore.checkpoints import load_components
+
+    lora = _lora_file(args.lora)
+    components = load_components(args.base, tokenizer=args.tokenizer)
+    merge_lora(components, lora, scale=args.scale)
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        components.save_single_file(out)
+    else:
+        components.save_pretrained(out)
+    print(f"wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("inspect", help="say what a LoRA file holds",
+                              description="Print a LoRA file's format, rank, alpha, targeted modules and metadata.")
+    p.add_argument("file", metavar="FILE", help="LoRA file (either layout)")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from adapters.lora import describe
+
+    d = describe(_lora_file(args.file))
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    counts = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
+    ranks = "/".join(str(r) for r in d["ranks"])
+    lines = [
+        f"file:          {d['file']}",
+        f"format:        {d['format']}{' (DoRA)' if d['dora'] else ''}",
+        f"rank:          {ranks}",
+        f"alpha:         {d['alpha']:g} (scale {d['alpha'] / d['ranks'][0]:g} at rank {d['ranks'][0]})",
+        f"U-Net modules: {d['unet_modules']}{' (with conv layers)' if d['conv'] else ''}",
+        f"  by kind:     {counts(d['unet_kinds'])}",
+        f"  by block:    {counts(d['unet_blocks'])}",
+        f"text encoder:  {'yes, ' + str(d['text_encoder_modules']) + ' modules' if d['text_encoder'] else 'no'}",
+        f"settings:      {json.dumps(d['settings'])}",
+        f"metadata:      {json.dumps(d['metadata'])}",
+    ]
+    lines += [f"  {k}: {v}" for k, v in sorted(d["file_metadata"].items())]
+    print("\n".join(lines))
+    return 0
+
+
+COMMANDS = (add_export, add_merge, add_inspect)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # peft imports bitsandbytes, whose CPU backend warns on import about optional kernels
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    parser = argparse.ArgumentParser(prog="python -m adapters", description="LoRA export, merge and inspection for ldm-tune.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    args = parser.parse_args(argv)
+    from ldmcore.weights import CheckpointError
+
+    try:
+        return args.run(args)
+    except (UsageError, CheckpointError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""LoRA for the U-Net and the CLIP text encoder, through peft.
+
+`add_lora` wraps the chosen Linear / Conv2d layers in peft's LoRA layers in place (no PeftModel
+around the model: the trainer keeps calling the same U-Net) and freezes everything else.
+`lora_state_dict` / `set_lora_state_dict` move the adapter weights in peft's key layout, which is
+also the layout of diffusers' files. The file formats live in lora_formats.py and are re-exported
+here; `merge_lora` folds a file into plain weights, `describe` says what a file holds.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ldmcore.weights import CheckpointError, preview_keys
+
+from .lora_formats import (  # noqa: F401  (re-exported: the one import point for LoRA)
+    DIFFUSERS_FILE,
+    KOHYA_FILE,
+    TEXT_PREFIX,
+    bare_text_name,
+    load_lora_file,
+    save_diffusers,
+    save_kohya,
+    split_modules,
+)
+
+_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+_FF = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+_CONV = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+UNET_TARGETS = {
+    "attention": _ATTENTION,  # every Attention of the U-Net: self- and cross-attention
+    "attention+ff": _ATTENTION + _FF,  # + the transformers' feed-forward and their in/out projections
+    "all": _ATTENTION + _FF + _CONV,  # + the ResNet blocks and the resampling convs (conv LoRA, "LoCon")
+}
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP self-attention
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """What LoRA to add. `alpha` None means alpha = rank (scale 1). `targets` is a key of
+    UNET_TARGETS or a tuple of module-name suffixes ("attn2.to_k") or regular expressions matched
+    against whole module names ("down_blocks\\.0\\..*to_q"). `init` is peft's `init_lora_weights`."""
+
+    rank: int = 16
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = "attention"
+    init: str | bool = True
+    use_dora: bool = False
+    text_encoder: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraSettings.rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ValueError(f"LoraSettings.alpha must be a positive number or None, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSettings.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, str):
+            if self.targets not in UNET_TARGETS:
+                raise ValueError(
+                    f"LoraSettings.targets={self.targets!r}: choose one of {sorted(UNET_TARGETS)} "
+                    "or give a list of module-name suffixes or regular expressions"
+                )
+        elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"LoraSettings.targets must be a preset name or a non-empty list of strings, got {self.targets!r}")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["targets"], tuple):
+            d["targets"] = list(d["targets"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LoraSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"LoraSettings: unknown keys {unknown}; valid keys are {sorted(names)}")
+        return cls(**d)
+
+
+# -- injection ---------------------------------------------------------------------------------------
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if _REGEX_CHARS & set(pattern):
+        return re.fullmatch(pattern, name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def target_names(model: nn.Module, settings: LoraSettings, *, text_encoder: bool = False) -> list[str]:
+    """The Linear / Conv2d modules of `model` that `settings` (or TEXT_TARGETS) select, in model order."""
+    preset = text_encoder or isinstance(settings.targets, str)
+    patterns = TEXT_TARGETS if text_encoder else UNET_TARGETS.get(settings.targets, settings.targets)
+    names, used = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            hit = next((p for p in patterns if _matches(name, p)), None)
+            if hit is not None:
+                names.append(name)
+                used.add(hit)
+    unused = [p for p in patterns if p not in used]
+    if not names or (unused and not preset):
+        raise ValueError(
+            f"LoRA targets {list(unused or patterns)} match no Linear or Conv2d layer of {type(model).__name__} "
+            "(suffixes match whole name parts, e.g. 'attn2.to_k' or 'to_out.0'; regular expressions match whole names)"
+        )
+    return names
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(getattr(model, "peft_config", None))
+
+
+def add_lora(model: nn.Module, settings: LoraSettings, *, text_encoder: bool = False) -> list[str]:
+    """Inject LoRA layers into `model` in place with peft, freeze every other parameter and return
+    the wrapped module names. `text_encoder=True`: `model` is the CLIP text encoder and the targets
+    are its attention projections (TEXT_TARGETS), whatever `settings.targets` says."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if has_lora(model):
+        raise ValueError(f"{type(model).__name__} already has LoRA layers; one adapter per model")
+    names = target_names(model, settings, text_encoder=text_encoder)
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha if settings.alpha is not None else settings.rank,
+        lora_dropout=settings.dropout,
+        target_modules=names,  # whole names: peft's suffix matching then selects exactly these
+        init_lora_weights=settings.init,
+        use_dora=settings.use_dora,
+    )
+    inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)  # lora_A, lora_B and DoRA's lora_magnitude_vector
+    return names
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights, keys as peft and diffusers write them:
+    `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`."""
+    from peft import get_peft_model_state_dict
+
+    if not has_lora(model):
+        raise ValueError(f"{type(model).__name__} has no LoRA layers (call add_lora first)")
+    return get_peft_model_state_dict(model)
+
+
+def set_lora_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """Load adapter weights into a model prepared by `add_lora` with the same settings. Every key
+    must match: unknown or missing keys and wrong shapes raise CheckpointError naming them."""
+    from peft import set_peft_model_state_dict
+
+    own = lora_state_dict(model)
+    nested = any(k.startswith(TEXT_PREFIX) for k in own)  # a transformers 4.x text encoder
+    sd = {(TEXT_PREFIX + bare_text_name(k) if nested else bare_text_name(k)): v for k, v in sd.items()}
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        parts = [f"the LoRA weights do not fit the LoRA layers of {type(model).__name__}"]
+        if missing:
+            parts.append(f"missing {len(missing)} keys: {preview_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys: {preview_keys(unexpected)}")
+        raise CheckpointError("; ".join(parts) + " (were the same targets and text_encoder setting used?)")
+    wrong = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"{len(wrong)} LoRA weights have the wrong shape, first {k}: {tuple(sd[k].shape)} given, "
+            f"{tuple(own[k].shape)} in the model (another rank?)"
+        )
+    set_peft_model_state_dict(model, dict(sd))
+
+
+# -- merging -----------------------------------------------------------------------------------------
+
+
+def merged_weight(weight: torch.Tensor, parts: Mapping[str, torch.Tensor], alpha: float, scale: float) -> torch.Tensor:
+    """W + scale * (alpha / rank) * B @ A (per kernel position for convs), in at least float32.
+    DoRA: the full DoRA weight m * V / ||V|| (V = W + (alpha / rank) * B @ A, norms per output
+    channel, as peft), blended as W + scale * (W_dora - W)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w, a, b = weight.to(dtype), parts["A"].to(dtype), parts["B"].to(dtype)
+    rank = a.shape[0]
+    delta = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])  # (out, r) @ (r, in[, kh, kw])
+    if delta.shape != w.shape:
+        raise CheckpointError(f"LoRA delta {tuple(delta.shape)} does not fit the weight {tuple(w.shape)}")
+    v = w + (alpha / rank) * delta
+    if "m" in parts:
+        norm = v.flatten(1).norm(dim=1)  # (out,)
+        v = (parts["m"].to(dtype).flatten() / norm).reshape(-1, *[1] * (w.ndim - 1)) * v
+    return (w + scale * (v - w)).to(weight.dtype)
+
+
+def _layer(model: nn.Module, name: str) -> nn.Module | None:
+    for candidate in (name, TEXT_PREFIX + name):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def merge_lora(components, lora_path: str | os.PathLike, scale: float = 1.0) -> None:
+    """Fold a LoRA file (either format) into the weights of `components.unet` and, where the file
+    has them, `components.text_encoder`: W += scale * (alpha / rank) * B @ A. Nothing of peft stays."""
+    unet_sd, text_sd, meta = load_lora_file(lora_path)
+    plan = []
+    for model, sd, what in ((components.unet, unet_sd, "U-Net"), (components.text_encoder, text_sd, "text encoder")):
+        if not sd:
+            continue
+        if has_lora(model):
+            raise ValueError(f"the {what} has LoRA layers injected; merge into a model loaded without them")
+        mods = split_modules(sd, str(lora_path))
+        layers = {name: _layer(model, name) for name in mods}
+        absent = [n for n, layer in layers.items() if not isinstance(layer, (nn.Linear, nn.Conv2d))]
+        if absent:
+            raise CheckpointError(
+                f"{lora_path}: {len(absent)} LoRA modules are not Linear / Conv2d layers of the {what}: "
+                f"{preview_keys(sorted(absent))} (a LoRA for another model family?)"
+            )
+        plan += [(f"{what} {name}", layers[name], parts) for name, parts in mods.items()]
+    merged = []
+    for label, layer, parts in plan:  # compute everything first: a bad module leaves the model untouched
+        try:
+            merged.append((layer, merged_weight(layer.weight.detach(), parts, meta["alpha"], scale)))
+        except CheckpointError as e:
+            raise CheckpointError(f"{lora_path}: {label}: {e}") from None
+    with torch.no_grad():
+        for layer, weight in merged:
+            layer.weight.copy_(weight)
+
+
+# -- describing --------------------------------------------------------------------------------------
+
+KINDS = {  # module-name suffix -> kind, for `describe`
+    "attention": ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj"),
+    "feed_forward": ("ff.net.0.proj", "ff.net.2", "mlp.fc1", "mlp.fc2"),
+    "projection": ("proj_in", "proj_out"),
+    "resnet": ("conv1", "conv2", "conv_shortcut", "time_emb_proj"),
+    "resample": ("downsamplers.0.conv", "upsamplers.0.conv"),
+}
+
+
+def _kind(name: str) -> str:
+    return next((kind for kind, suffixes in KINDS.items() if any(_matches(name, s) for s in suffixes)), "other")
+
+
+def _block(name: str) -> str:
+    m = re.match(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.", name)
+    return m.group(1) if m else name.split(".")[0]
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What a LoRA file holds: format, ranks, alpha, targeted modules by kind and by block, text
+    encoder or not, DoRA or not, and its metadata."""
+    unet_sd, text_sd, meta = load_lora_file(path)
+    unet, text = split_modules(unet_sd, str(path)), split_modules(text_sd, str(path))
+    everything = [*unet.values(), *text.values()]
+    return {
+        "file": str(path),
+        "format": meta["format"],
+        "ranks": sorted({p["A"].shape[0] for p in everything}),
+        "alpha": meta["alpha"],
+        "unet_modules": len(unet),
+        "unet_kinds": dict(collections.Counter(_kind(n) for n in unet)),
+        "unet_blocks": dict(collections.Counter(_block(n) for n in unet)),
+        "text_encoder": bool(text),
+        "text_encoder_modules": len(text),
+        "dora": any("m" in p for p in everything),
+        "conv": any(p["A"].ndim == 4 and p["A"].shape[-1] > 1 for p in everything),
+        "settings": meta["settings"],
+        "metadata": meta["user"],
+        "file_metadata": {k: v for k, v in meta["file"].items() if k.startswith(("ss_", "modelspec."))},
+    }

@@ -1,0 +1,125 @@
+"""The training loop end to end on a tiny model: runs, exports, exact resume, errors, NaN guard,
+and several processes against one."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_
+from PIL import Image
+from safetensors.torch import load_file
+
+from ldmcore.checkpoints import Components
+from ldmcore.text import build_word_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "a red green blue circle square on white black background".split()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base model folder and a small captioned dataset, one bucket (64x64)."""
+    root = tmp_path_factory.mktemp("world")
+    parts = Components.from_preset("tiny", build_word_tokenizer(WORDS))
+    randomize_(parts.vae, seed=1, std=0.05)
+    randomize_(parts.unet, seed=2, std=0.05)
+    parts.save_pretrained(root / "model")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"p{i}.png")
+        (data / f"p{i}.txt").write_text(f"a {WORDS[1 + i % 3]} circle")
+    return root
+
+
+def run(world: Path, out: Path, *overrides: str, launcher=(), expect=0):
+    cmd = [*launcher] if launcher else [sys.executable, "-m", "trainers"]
+    cmd += [str(ROOT / "configs" / "tiny" / "lora.yaml"), f"model.path={world / 'model'}", f"data.path={world / 'data'}",
+            f"data.cache.dir={world / 'cache'}", f"output_dir={out}", *overrides]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
+
+
+def trained(folder: Path) -> dict:
+    return load_file(folder / "trained.safetensors")
+
+
+def test_a_run_trains_checkpoints_logs_and_exports(world, tmp_path):
+    out = tmp_path / "run"
+    run(world, out, "train.max_steps=4", "train.checkpoint_every=2", "validation.prompts=[a red circle]",
+        "validation.steps=2")
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert (out / "config.yaml").read_text().count("max_steps: 4") == 1
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert (out / "samples" / "step_00000004.png").is_file()
+    first, last = trained(out / "checkpoints" / "step_00000002"), trained(out / "checkpoints" / "step_00000004")
+    assert first.keys() == last.keys() and all("lora" in k for k in first)
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the weights moved
+
+
+def test_resume_ends_with_the_same_weights(world, tmp_path):
+    common = ["train.max_steps=6", "train.checkpoint_every=3", "train.lr_scheduler=cosine", "train.warmup_steps=2",
+              "train.gradient_accumulation_steps=2", "loss.caption_dropout=0.3", "loss.noise_offset=0.05"]
+    run(world, tmp_path / "whole", *common)
+    # the interrupted run: the same config, stopped after its first checkpoint
+    stopped = run(world, tmp_path / "parts", *common, launcher=_stop_after_first_checkpoint(tmp_path / "parts"),
+                  expect=-signal.SIGKILL)
+    assert (tmp_path / "parts" / "checkpoints" / "step_00000003" / "state.json").is_file(), stopped.stderr[-2000:]
+    assert not (tmp_path / "parts" / "checkpoints" / "step_00000006").exists()  # really stopped half-way
+    run(world, tmp_path / "parts", *common, "train.resume=latest")
+    whole, parts = trained(tmp_path / "whole" / "checkpoints" / "step_00000006"), trained(
+        tmp_path / "parts" / "checkpoints" / "step_00000006")
+    for k in whole:
+        assert torch.equal(whole[k], parts[k]), k
+
+
+def _stop_after_first_checkpoint(out: Path):
+    """A launcher that runs the trainer and SIGKILLs it as soon as the step-3 checkpoint is complete."""
+    code = (
+        "import os, signal, subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-m', 'trainers', *sys.argv[1:]])\n"
+        f"mark = {str(out / 'checkpoints' / 'step_00000003' / 'state.json')!r}\n"
+        "while p.poll() is None and not os.path.exists(mark):\n"
+        "    time.sleep(0.005)\n"
+        "p.send_signal(signal.SIGKILL); p.wait()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    return (sys.executable, "-c", code)
+
+
+def test_config_errors_name_the_key(world, tmp_path):
+    typo = run(world, tmp_path / "x", "train.learnig_rate=1e-3", expect=2)
+    assert "unknown key 'train.learnig_rate'; did you mean 'train.learning_rate'?" in typo.stderr
+    wrong = run(world, tmp_path / "x", "train.max_steps=lots", expect=2)
+    assert "train.max_steps" in wrong.stderr and "integer" in wrong.stderr
+    assert "Traceback" not in typo.stderr + wrong.stderr
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_checkpoint(world, tmp_path):
+    out = tmp_path / "nan"
+    proc = run(world, out, "train.learning_rate=1e30", "train.max_grad_norm=null", "train.max_steps=50",
+               "train.checkpoint_every=1", "train.max_nonfinite_steps=3", "train.lr_scheduler=constant", expect=1)
+    assert "non-finite loss" in proc.stderr and "last good checkpoint" in proc.stderr
+    kept = sorted((out / "checkpoints").glob("step_*"))
+    assert kept and all(torch.isfinite(t).all() for t in trained(kept[0]).values())
+
+
+def test_two_processes_equal_one_with_twice_the_batch(world, tmp_path):
+    one = run(world, tmp_path / "one", "train.max_steps=3", "train.batch_size=4", "train.checkpoint_every=3")
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_cpu_threads_per_process", "1", "-m", "trainers")
+    run(world, tmp_path / "two", "train.max_steps=3", "train.batch_size=2", "train.checkpoint_every=3",
+        launcher=launcher)
+    assert (tmp_path / "two" / "checkpoints" / "step_00000003" / "rng_1.pt").is_file()  # two ranks ran
+    a, b = trained(tmp_path / "one" / "checkpoints" / "step_00000003"), trained(
+        tmp_path / "two" / "checkpoints" / "step_00000003")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,99 @@
+"""The training config: one typed schema for every method, read from YAML with dotted overrides.
+
+    method: lora
+    model: {path: path/to/sd15}
+    data: {path: my_pictures, resolution: 512}
+    output_dir: runs/my-lora
+    train: {max_steps: 1000, batch_size: 4, learning_rate: 1.0e-4}
+
+Loading goes through `data_tools.schema.load_config` (the project's one config reader): unknown
+keys are named with the closest valid key, wrong types with the expected type.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal, Optional, Sequence, Union
+
+from pydantic import Field
+
+from data_tools.config import DataConfig
+from data_tools.schema import Strict, load_config
+
+METHODS = ("lora", "dreambooth", "full", "inpaint", "controlnet")
+
+
+class ModelConfig(Strict):
+    path: str  # a diffusers folder or an original single file (.safetensors / .ckpt)
+    tokenizer: Optional[str] = None  # single files carry none: a tokenizer/ folder of any SD 1.x/2.x model
+    prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = None  # override the checkpoint's
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adamw", "adamw8bit", "lion8bit"] = "adamw"  # the 8-bit ones keep state in 8 bits (bitsandbytes)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-2, ge=0)
+    eps: float = Field(1e-8, gt=0)
+
+
+class TrainConfig(Strict):
+    max_steps: int = Field(ge=1)  # optimizer steps
+    batch_size: int = Field(1, ge=1)  # per process, per micro-step
+    learning_rate: float = Field(1e-4, gt=0)
+    seed: int = 0
+    resume: Optional[str] = None  # "latest" or a checkpoint folder
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # the frozen base in low precision; trained weights fp32
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # keep an EMA of the trained weights
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_nonfinite_steps: int = Field(10, ge=1)  # stop after this many non-finite losses in a row
+
+
+class LossConfig(Strict):
+    min_snr_gamma: Optional[float] = Field(None, gt=0)  # Hang et al. 2023; 5 is common
+    noise_offset: float = Field(0.0, ge=0)  # extra per-channel offset noise, helps very dark/bright images
+    input_perturbation: float = Field(0.0, ge=0)  # noise added to the model input only (Ning et al. 2023)
+    caption_dropout: float = Field(0.0, ge=0, le=1)  # share of captions replaced by the empty prompt (for CFG)
+
+
+class LoraConfig(Strict):
+    rank: int = Field(16, ge=1)
+    alpha: Optional[float] = Field(None, gt=0)  # None: alpha = rank (scale 1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: Union[Literal["attention", "attention+ff", "all"], list[str]] = "attention"
+    init: Union[bool, Literal["gaussian", "pissa", "olora"]] = True
+    use_dora: bool = False
+    text_encoder: bool = False  # also train the text encoder's LoRA (then captions are encoded live)
+    trigger_words: list[str] = []  # written into the exported files' metadata
+
+
+class ValidationConfig(Strict):
+    every: int = Field(0, ge=0)  # steps between validations; 0: only at the end when prompts are given
+    prompts: list[str] = []
+    seeds: list[int] = [0]
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = 7.5
+    sampler: Literal["ddpm", "ddim", "euler", "dpmpp_2m"] = "dpmpp_2m"
+    loss_timesteps: list[int] = [100, 300, 500, 700, 900]  # validation loss at fixed timesteps
+    heldout: int = Field(0, ge=0)  # images kept out of training for the validation loss
+
+
+class Config(Strict):
+    method: Literal["lora", "dreambooth", "full", "inpaint", "controlnet"]
+    model: ModelConfig
+    data: DataConfig
+    output_dir: str
+    train: TrainConfig
+    loss: LossConfig = LossConfig()
+    lora: LoraConfig = LoraConfig()
+    validation: ValidationConfig = ValidationConfig()
+
+
+def read_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    return load_config(Config, path, overrides)

@@ -1,0 +1,392 @@
+"""The one training loop. Every method runs here; what differs lives in the method object.
+
+The loop owns the accelerate work: preparing models and the optimizer, gradient accumulation,
+mixed precision, clipping, the EMA, checkpoints, logging and validation. Every random draw of a
+step (the latent sample, the noise, the timesteps, caption dropout) comes from one generator per
+process that checkpoints save, and batches are read straight from the cache in the sampler's
+order; together with checkpoints taken only at optimizer-step boundaries, that makes a resumed
+run end with the same weights as one that never stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_tools.buckets import BucketBatchSampler
+from data_tools.dataset import CachedDataset
+from data_tools.precompute import cache_dir_for, prepare_cache
+from data_tools.schema import dump_config
+from ldmcore.checkpoints import Components, load_components
+
+from .config import Config
+from .method import Method
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on; the message says why and what was kept."""
+
+
+def make_method(config: Config, components: Components) -> Method:
+    from .lora import LoraMethod
+
+    methods = {"lora": LoraMethod}
+    if config.method not in methods:
+        raise NotImplementedError(f"method {config.method!r} is not available yet; choose one of {sorted(methods)}")
+    return methods[config.method](config, components)
+
+
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# -- the loss of one batch -------------------------------------------------------------------------
+
+
+def sample_generators(seed: int, micro_step: int, items: torch.Tensor) -> list[torch.Generator]:
+    """One generator per sample, keyed by (seed, micro-step, dataset item): a sample draws the same
+    noise, timestep and latent whichever process or batch position it lands in, and a resumed run
+    draws what the uninterrupted one did, with no generator state to save."""
+    keys = [np.random.SeedSequence([seed, micro_step, int(i)]).generate_state(1, np.uint64)[0] for i in items]
+    return [torch.Generator().manual_seed(int(k)) for k in keys]
+
+
+def diffusion_loss(unet, method: Method, batch: dict, parts: Components, config: Config, empty_text, gens) -> torch.Tensor:
+    """The denoising loss of one batch; the random draws of sample j come from gens[j] (CPU)."""
+    device = batch["mean"].device
+    lc, schedule = config.loss, parts.schedule
+    per_sample_shape = batch["mean"].shape[1:]  # (4, h, w)
+
+    def draw(fn):  # one draw per sample, stacked to a batch on the device
+        return torch.stack([fn(g) for g in gens]).to(device)
+
+    mean, std = batch["mean"].float(), batch["std"].float()  # (b, 4, h, w)
+    latents = parts.vae.scale(mean + std * draw(lambda g: torch.randn(per_sample_shape, generator=g)))
+    noise = draw(lambda g: torch.randn(per_sample_shape, generator=g))
+    t = draw(lambda g: torch.randint(0, schedule.num_train_timesteps, (), generator=g))  # (b,)
+    if lc.noise_offset:
+        noise = noise + lc.noise_offset * draw(lambda g: torch.randn(per_sample_shape[0], 1, 1, generator=g))
+    input_noise = noise
+    if lc.input_perturbation:
+        input_noise = noise + lc.input_perturbation * draw(lambda g: torch.randn(per_sample_shape, generator=g))
+    noisy = schedule.add_noise(latents, input_noise, t)
+    target = schedule.target(latents, noise, t)
+
+    text = batch["text"]  # (b, tokens, width)
+    if lc.caption_dropout:
+        drop = draw(lambda g: torch.rand((), generator=g) < lc.caption_dropout)
+        text = torch.where(drop[:, None, None], empty_text.to(text), text)
+
+    kwargs = method.unet_kwargs(batch, noisy)
+    sample = kwargs.pop("sample", noisy)
+    pred = unet(sample, t, text, **kwargs)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (b,)
+
+    weights = torch.ones_like(per_sample)
+    if lc.min_snr_gamma:
+        snr = schedule.snr(t).to(device)
+        capped = snr.clamp(max=lc.min_snr_gamma)
+        if schedule.prediction_type == "v_prediction":
+            weights = capped / (snr + 1)
+        else:  # epsilon: min(snr, gamma) / snr; zero-terminal-SNR timesteps (snr = 0) keep weight 1
+            weights = torch.where(snr > 0, capped / snr.clamp(min=1e-12), torch.ones_like(snr))
+    extra = method.sample_weights(batch)
+    if extra is not None:
+        weights = weights * extra.to(weights)
+    return (per_sample * weights).mean()
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def _checkpoints(output: Path) -> list[Path]:
+    folder = output / CHECKPOINTS
+    done = [p for p in folder.glob("step_*") if p.is_dir() and (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def find_resume(output: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = _checkpoints(output)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise TrainingStopped(f"train.resume={resume}: not a complete checkpoint folder (no state.json)")
+    return path
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+def train(config: Config) -> Path:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from .optim import EMA, make_optimizer, make_scheduler
+
+    tc = config.train
+    output = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_dir=str(output / "logs"),
+        cpu=not torch.cuda.is_available(),
+    )
+    main = accelerator.is_main_process
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        dump_config(config, output / "config.yaml")
+        accelerator.init_trackers("ldm-tune")
+    parts = load_components(config.model.path, dtype=torch.float32, tokenizer=config.model.tokenizer,
+                            prediction_type=config.model.prediction_type)
+    method = make_method(config, parts)
+
+    # The cache first: the VAE and the text encoder are needed for it, not for the steps.
+    parts.vae.to(device)
+    parts.text_encoder.to(device)
+    plan, _ = prepare_cache(config.data, parts.vae, parts.prompt_encoder(config.data.clip_skip, config.data.max_windows),
+                            progress=main)
+    dataset = CachedDataset(cache_dir_for(config.data), plan, seed=tc.seed)
+    empty_text = dataset.empty_text().float().to(device)
+    sampler = BucketBatchSampler(dataset.buckets, tc.batch_size, seed=tc.seed, num_replicas=world, rank=rank)
+
+    # Seeded right here: what the method initialises (LoRA's A matrices) must depend on the seed
+    # only, not on whether building the cache above drew from the global generator.
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+    method.build()
+    weight_dtype = DTYPES[tc.mixed_precision]
+    parts.vae.requires_grad_(False)
+    parts.text_encoder.requires_grad_(False)
+    parts.unet.to(device)
+    for p in parts.unet.parameters():  # the frozen base in low precision, trained weights in float32
+        p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
+    if tc.gradient_checkpointing:
+        parts.unet.set_gradient_checkpointing(True)
+    parts.unet.train()
+
+    params = method.parameters()
+    if not params:
+        raise TrainingStopped(f"method {method.name} left no parameter to train")
+    optimizer = make_optimizer(params, tc)
+    scheduler = make_scheduler(optimizer, tc)  # stepped by us once per optimizer step, on every rank
+    names = list(method.trained_modules())
+    prepared = accelerator.prepare(*method.trained_modules().values(), optimizer)
+    models, optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
+    unet = models.get("unet", parts.unet)
+    ema = EMA(params, tc.ema_decay) if tc.ema_decay else None
+
+    step, skipped, streak = 0, 0, 0
+    resume_from = find_resume(output, tc.resume)
+    if resume_from is not None:
+        step, skipped, streak = _load_checkpoint(resume_from, method, optimizer, scheduler, ema, sampler, rank)
+        if main:
+            log.info("resumed from %s at step %d", resume_from, step)
+
+    def batches():
+        while True:
+            dataset.set_epoch(sampler.epoch)
+            for idx in sampler:
+                batch = collate([dataset[i] for i in idx])
+                batch["item"] = torch.tensor(idx)
+                yield batch
+
+    stream = batches()
+    bar = tqdm(total=tc.max_steps, initial=step, desc="training", unit="step", disable=not main)
+    window_bad, last, phase = False, time.perf_counter(), 0
+    while step < tc.max_steps:
+        # the cache stores fp16; steps compute in float32 and autocast lowers what mixed precision may
+        batch = {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in next(stream).items()}
+        gens = sample_generators(tc.seed, step * tc.gradient_accumulation_steps + phase, batch.pop("item"))
+        phase = (phase + 1) % tc.gradient_accumulation_steps
+        with accelerator.accumulate(*models.values()):
+            with accelerator.autocast():
+                loss = diffusion_loss(unet, method, batch, parts, config, empty_text, gens)
+            finite = accelerator.reduce(torch.isfinite(loss).float().reshape(1), "min").item() > 0
+            if finite:
+                accelerator.backward(loss)
+            else:
+                window_bad = True
+            grad_norm = None
+            if accelerator.sync_gradients and not window_bad and tc.max_grad_norm:
+                grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+            if not window_bad:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+
+        step += 1
+        scheduler.step()
+        if window_bad:
+            skipped, streak = skipped + 1, streak + 1
+            window_bad = False
+            if streak >= tc.max_nonfinite_steps:
+                found = _checkpoints(output)
+                kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+                raise TrainingStopped(
+                    f"{streak} optimizer steps in a row had a non-finite loss (at step {step}); stopping. {kept}. "
+                    "Lower train.learning_rate, use bf16 instead of fp16, or check the data."
+                )
+        else:
+            streak = 0
+            if ema is not None:
+                ema.update()
+
+        now = time.perf_counter()
+        if main:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", step_s=f"{now - last:.2f}")
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            scalars = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped,
+                       "images_per_s": tc.batch_size * tc.gradient_accumulation_steps * world / max(now - last, 1e-9)}
+            if grad_norm is not None:
+                scalars["grad_norm"] = float(grad_norm)
+            if torch.cuda.is_available():
+                scalars["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            accelerator.log(scalars, step=step)
+        last = now
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler)
+        if config.validation.prompts and (
+            (config.validation.every and step % config.validation.every == 0) or step == tc.max_steps
+        ):
+            _validate(accelerator, parts, config, output, step)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if main:
+        if ema is not None:
+            ema.swap()
+        method.export(output, _metadata(config, parts))
+        if ema is not None:
+            ema.swap()
+    accelerator.end_training()
+    return output
+
+
+def _metadata(config: Config, parts: Components) -> dict[str, str]:
+    return {
+        "ldm_tune.method": config.method,
+        "ldm_tune.base_model": str(config.model.path),
+        "ldm_tune.config": json.dumps(config.model_dump(mode="json")),
+    }
+
+
+def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler) -> None:
+    """Every process writes its global random state (LoRA dropout draws from it); the main process
+    writes the rest and renames the folder into place only when everything is in it, so a crash
+    mid-write leaves no complete-looking checkpoint."""
+    from safetensors.torch import save_file
+
+    folder = output / CHECKPOINTS
+    tmp = folder / f".tmp_step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {k: v.contiguous().cpu() for k, v in method.trained_state_dict().items()}
+        save_file(state, str(tmp / "trained.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if ema is not None:
+            torch.save(ema.state_dict(), tmp / "ema.pt")
+        method.export(tmp, _metadata(method.config, method.components))
+        counters = {"step": step, "skipped": skipped, "streak": streak, "sampler": sampler.state_dict(),
+                    "world_size": accelerator.num_processes}
+        (tmp / "state.json").write_text(json.dumps(counters))  # written last: marks the folder complete
+        final = folder / f"step_{step:08d}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoints(output)[: -method.config.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(folder: Path, method, optimizer, scheduler, ema, sampler, rank) -> tuple[int, int, int]:
+    from safetensors.torch import load_file
+
+    counters = json.loads((folder / "state.json").read_text())
+    if counters["world_size"] != sampler.num_replicas:
+        raise TrainingStopped(
+            f"{folder} was written by {counters['world_size']} processes, this run has {sampler.num_replicas}; "
+            "resume with the same number of processes"
+        )
+    method.load_trained_state_dict(load_file(str(folder / "trained.safetensors")))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    if ema is not None:
+        ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
+    sampler.load_state_dict(counters["sampler"])
+    _set_rng_state(torch.load(folder / f"rng_{rank}.pt", weights_only=False))
+    return counters["step"], counters["skipped"], counters["streak"]
+
+
+@torch.no_grad()
+def _validate(accelerator, parts: Components, config: Config, output: Path, step: int) -> None:
+    """Sample the validation prompts on the main process and save a grid; the others wait."""
+    from PIL import Image
+
+    from ldmcore.pipeline import generate
+
+    if accelerator.is_main_process:
+        vc = config.validation
+        unet = parts.unet
+        was_training = unet.training
+        unet.eval()
+        images = []
+        with accelerator.autocast():
+            for seed in vc.seeds:
+                images += generate(parts, vc.prompts, seed=seed, steps=vc.steps, guidance_scale=vc.guidance_scale,
+                                   sampler=vc.sampler)
+        unet.train(was_training)
+        w, h = images[0].size
+        cols = len(vc.prompts)
+        grid = Image.new("RGB", (w * cols, h * len(vc.seeds)))
+        for i, im in enumerate(images):
+            grid.paste(im, ((i % cols) * w, (i // cols) * h))
+        (output / "samples").mkdir(parents=True, exist_ok=True)
+        grid.save(output / "samples" / f"step_{step:08d}.png")
+        try:
+            writer = accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        except Exception as e:  # logging must never end a run
+            log.warning("could not log the validation grid to TensorBoard: %s", e)
+    accelerator.wait_for_everyone()

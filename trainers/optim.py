@@ -1,0 +1,69 @@
+"""Optimizers, learning-rate schedules and the EMA of trained weights."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from .config import TrainConfig
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    kwargs = dict(lr=cfg.learning_rate, betas=o.betas, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, eps=o.eps, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:  # pragma: no cover - bitsandbytes is a dependency
+        raise RuntimeError(f"train.optimizer.name={o.name} needs bitsandbytes ({e}); use adamw") from e
+    if o.name == "adamw8bit":
+        return bnb.optim.AdamW8bit(params, eps=o.eps, **kwargs)
+    return bnb.optim.Lion8bit(params, **kwargs)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
+    """Linear warmup, then constant, cosine or linear decay to zero at max_steps."""
+    warmup, total = cfg.warmup_steps, cfg.max_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.lr_scheduler == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return LambdaLR(optimizer, factor)
+
+
+class EMA:
+    """Exponential moving average of parameters, kept in float32 beside them."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params = list(params)
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params)]
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the live weights and the averages (call twice to swap back)."""
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s.to(p.dtype))
+            s.copy_(tmp.float())
