@@ -123,3 +123,48 @@ def test_two_processes_equal_one_with_twice_the_batch(world, tmp_path):
         tmp_path / "two" / "checkpoints" / "step_00000003")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_with_8bit_adamw_trains_and_keeps_trained_weights_in_fp32(world, tmp_path):
+    out = tmp_path / "lowp"
+    run(world, out, "train.max_steps=2", "train.checkpoint_every=2", "train.mixed_precision=bf16",
+        "train.optimizer.name=adamw8bit", "lora.targets=all", "lora.rank=64", "lora.alpha=64")
+    ckpt = out / "checkpoints" / "step_00000002"
+    weights = trained(ckpt)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    state = torch.load(ckpt / "optimizer.pt", weights_only=False)["state"]
+
+    def tensors(tree):  # bitsandbytes nests its quantised state in a dict of its own
+        for v in tree.values():
+            yield from tensors(v) if isinstance(v, dict) else ([v] if torch.is_tensor(v) else [])
+
+    assert any(t.dtype == torch.uint8 for s in state.values() for t in tensors(s))  # optimizer state in 8 bits
+
+
+def test_the_exported_lora_gives_diffusers_the_trained_model(world, tmp_path):
+    import diffusers
+
+    from adapters.lora import LoraSettings, add_lora, set_lora_state_dict
+    from ldmcore.checkpoints import load_components
+
+    out = tmp_path / "run"
+    run(world, out, "train.max_steps=3", "train.checkpoint_every=3")
+    ours = load_components(world / "model")
+    add_lora(ours.unet, LoraSettings(rank=4, alpha=2))
+    weights = {k.removeprefix("unet."): v for k, v in trained(out / "checkpoints" / "step_00000003").items()}
+    result = ours.unet.load_state_dict(weights, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys[:3]
+    assert not [k for k in result.missing_keys if "lora" in k], [k for k in result.missing_keys if "lora" in k][:3]
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(world / "model", safety_checker=None)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([50, 700])
+    with torch.no_grad():
+        base = pipe.unet(x, t, ctx).sample
+        expected = ours.unet(x, t, ctx)
+        for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+            pipe.load_lora_weights(str(out / name), adapter_name=name.split(".")[0])
+            pipe.set_adapters([name.split(".")[0]])
+            got = pipe.unet(x, t, ctx).sample
+            assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5, name
+    assert ((base - expected).abs().max() / expected.abs().max()).item() > 1e-4  # the LoRA changes the output

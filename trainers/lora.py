@@ -39,6 +39,6 @@ class LoraMethod(Method):
     def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
         unet_sd = lora_state_dict(self.components.unet)
         meta = {**metadata, "trigger_words": ",".join(self.config.lora.trigger_words)}
-        save_diffusers(folder / DIFFUSERS_FILE, unet_sd, None, meta)
+        save_diffusers(folder / DIFFUSERS_FILE, unet_sd, None, meta, settings=self.settings)
         save_kohya(folder / KOHYA_FILE, unet_sd, None, self.settings, meta)
         return [folder / DIFFUSERS_FILE, folder / KOHYA_FILE]
