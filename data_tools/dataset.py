@@ -50,11 +50,13 @@ class CachedDataset(Dataset):
         item: CacheItem = self.plan.items[i]
         view = self._choice(i, len(item.latents), "view")
         latent = self.stores["latents"].get(item.latents[view])
-        text_key = item.texts[self._choice(i, len(item.texts), "caption")] if item.texts else self.plan.empty_text
+        c = self._choice(i, len(item.texts), "caption")
+        text_key = item.texts[c] if item.texts else self.plan.empty_text
         out = {
             "mean": latent["mean"],  # (4, h, w) fp16
             "std": latent["std"],
             "text": self.stores["text"].get(text_key)["hidden"],  # (77 * windows, width) fp16
+            "caption": item.captions[c] if item.captions else "",  # for a text encoder that trains
             "is_class": torch.tensor(item.role == "class"),
         }
         if item.inpaint and item.inpaint[view]:

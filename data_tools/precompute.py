@@ -48,6 +48,7 @@ class CacheItem:
     inpaint: tuple[tuple[str, ...], ...] = ()
     control: tuple[str, ...] = ()
     crops: tuple[dict, ...] = ()  # per view: original size, resize, crop offsets, flip (CropPlan.to_dict)
+    captions: tuple[str, ...] = ()  # the caption texts, in the order of `texts`
 
 
 @dataclasses.dataclass
@@ -69,7 +70,7 @@ class CachePlan:
             CacheItem(
                 **{**i, "bucket": tuple(i["bucket"]), "latents": tuple(i["latents"]), "texts": tuple(i["texts"]),
                    "inpaint": tuple(tuple(v) for v in i["inpaint"]), "control": tuple(i["control"]),
-                   "crops": tuple(i["crops"])}
+                   "crops": tuple(i["crops"]), "captions": tuple(i.get("captions", ()))}
             )
             for i in raw["items"]
         ]
@@ -139,7 +140,8 @@ def plan_cache(manifest: Manifest, cfg: DataConfig, vae_fp: str, text_fp: str) -
         texts = tuple(_text_key(c, text_fp, cfg) for c in rec.captions)
         crops = tuple(v.to_dict() for v in views)
         items.append(
-            CacheItem(r, rec.role, bucket, tuple(latent_keys), texts, tuple(inpaint_keys), tuple(control_keys), crops)
+            CacheItem(r, rec.role, bucket, tuple(latent_keys), texts, tuple(inpaint_keys), tuple(control_keys), crops,
+                      tuple(rec.captions))
         )
     settings = {"data": cfg.model_dump(mode="json"), "vae": vae_fp, "text_encoder": text_fp}
     return CachePlan(items, _text_key("", text_fp, cfg), settings), jobs, sorted(captions)

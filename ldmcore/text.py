@@ -59,7 +59,8 @@ class PromptEncoder(nn.Module):
             out = self.text_encoder(flat, output_hidden_states=True)
             hidden = out.hidden_states[-(self.clip_skip + 1)]
             # transformers < 5 nests the layers under `text_model`; 5.x does not
-            inner = getattr(self.text_encoder, "text_model", self.text_encoder)
+            model = getattr(self.text_encoder, "module", self.text_encoder)  # unwrap DistributedDataParallel
+            inner = getattr(model, "text_model", model)
             hidden = inner.final_layer_norm(hidden)
         else:
             hidden = self.text_encoder(flat)[0]  # (b*w, 77, width)

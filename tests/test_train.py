@@ -168,3 +168,40 @@ def test_the_exported_lora_gives_diffusers_the_trained_model(world, tmp_path):
             got = pipe.unet(x, t, ctx).sample
             assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5, name
     assert ((base - expected).abs().max() / expected.abs().max()).item() > 1e-4  # the LoRA changes the output
+
+
+def test_text_encoder_lora_trains_and_exports(world, tmp_path):
+    out = tmp_path / "te"
+    run(world, out, "train.max_steps=2", "train.checkpoint_every=2", "lora.text_encoder=true",
+        "loss.caption_dropout=0.5")
+    weights = trained(out / "checkpoints" / "step_00000002")
+    te = [k for k in weights if k.startswith("text_encoder.")]
+    assert te and any(k.startswith("unet.") for k in weights)
+    assert any(weights[k].abs().sum() > 0 for k in te if "lora_B" in k)  # the text encoder's LoRA moved
+    from adapters.lora import load_lora_file
+
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        unet_sd, text_sd, _ = load_lora_file(out / name)
+        assert unet_sd and text_sd, name
+
+
+def test_heldout_validation_loss_and_ema(world, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "val"
+    run(world, out, "train.max_steps=4", "train.checkpoint_every=2", "validation.heldout=1", "validation.every=2",
+        "train.ema_decay=0.5")
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    val = [e.value for e in events.Scalars("val_loss")]
+    assert len(val) == 2 and all(np.isfinite(val))
+    assert len(events.Scalars("loss")) >= 1
+    ckpt = out / "checkpoints" / "step_00000004"
+    ema = torch.load(ckpt / "ema.pt", weights_only=False)
+    raw = trained(ckpt)
+    # the EMA lags the raw weights, and the exported file holds the EMA
+    assert any(not torch.equal(s, raw[k]) for s, k in zip(ema["shadow"], sorted(raw, key=list(raw).index)))
+    from adapters.lora import load_lora_file
+
+    exported, _, _ = load_lora_file(out / "pytorch_lora_weights.safetensors")
+    assert any(torch.equal(v.float(), s) for v in exported.values() for s in ema["shadow"] if v.shape == s.shape)

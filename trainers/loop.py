@@ -50,8 +50,10 @@ def make_method(config: Config, components: Components) -> Method:
     return methods[config.method](config, components)
 
 
-def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+def collate(items: list[dict]) -> dict:
+    """Stack tensors; other values (captions) become lists."""
+    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
+            for k in items[0]}
 
 
 # -- the loss of one batch -------------------------------------------------------------------------
@@ -65,7 +67,7 @@ def sample_generators(seed: int, micro_step: int, items: torch.Tensor) -> list[t
     return [torch.Generator().manual_seed(int(k)) for k in keys]
 
 
-def diffusion_loss(unet, method: Method, batch: dict, parts: Components, config: Config, empty_text, gens) -> torch.Tensor:
+def diffusion_loss(models: dict, method: Method, batch: dict, parts: Components, config: Config, empty_text, gens) -> torch.Tensor:
     """The denoising loss of one batch; the random draws of sample j come from gens[j] (CPU)."""
     device = batch["mean"].device
     lc, schedule = config.loss, parts.schedule
@@ -86,10 +88,11 @@ def diffusion_loss(unet, method: Method, batch: dict, parts: Components, config:
     noisy = schedule.add_noise(latents, input_noise, t)
     target = schedule.target(latents, noise, t)
 
-    text = batch["text"]  # (b, tokens, width)
+    drop = torch.zeros(len(gens), dtype=torch.bool, device=device)
     if lc.caption_dropout:
         drop = draw(lambda g: torch.rand((), generator=g) < lc.caption_dropout)
-        text = torch.where(drop[:, None, None], empty_text.to(text), text)
+    text = method.encode_text(batch, drop, empty_text, models)  # (b, tokens, width)
+    unet = models.get("unet", parts.unet)
 
     kwargs = method.unet_kwargs(batch, noisy)
     sample = kwargs.pop("sample", noisy)
@@ -181,7 +184,15 @@ def train(config: Config) -> Path:
                             progress=main)
     dataset = CachedDataset(cache_dir_for(config.data), plan, seed=tc.seed)
     empty_text = dataset.empty_text().float().to(device)
-    sampler = BucketBatchSampler(dataset.buckets, tc.batch_size, seed=tc.seed, num_replicas=world, rank=rank)
+    # the last `validation.heldout` images (in cache-key order, so the choice does not depend on
+    # file order) are kept out of training for the validation loss
+    order = sorted(range(len(dataset)), key=lambda i: plan.items[i].latents[0])
+    heldout = sorted(order[len(order) - config.validation.heldout :]) if config.validation.heldout else []
+    if heldout and len(heldout) >= len(dataset):
+        raise TrainingStopped(f"validation.heldout={config.validation.heldout} leaves no image to train on")
+    train_items = [i for i in range(len(dataset)) if i not in set(heldout)]
+    sampler = BucketBatchSampler([dataset.buckets[i] for i in train_items], tc.batch_size, seed=tc.seed,
+                                 num_replicas=world, rank=rank)
 
     # Seeded right here: what the method initialises (LoRA's A matrices) must depend on the seed
     # only, not on whether building the cache above drew from the global generator.
@@ -191,13 +202,13 @@ def train(config: Config) -> Path:
     method.build()
     weight_dtype = DTYPES[tc.mixed_precision]
     parts.vae.requires_grad_(False)
-    parts.text_encoder.requires_grad_(False)
-    parts.unet.to(device)
-    for p in parts.unet.parameters():  # the frozen base in low precision, trained weights in float32
-        p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
+    for module in {"unet": parts.unet, **method.trained_modules()}.values():
+        module.to(device)
+        for p in module.parameters():  # the frozen base in low precision, trained weights in float32
+            p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
+        module.train()
     if tc.gradient_checkpointing:
         parts.unet.set_gradient_checkpointing(True)
-    parts.unet.train()
 
     params = method.parameters()
     if not params:
@@ -207,7 +218,6 @@ def train(config: Config) -> Path:
     names = list(method.trained_modules())
     prepared = accelerator.prepare(*method.trained_modules().values(), optimizer)
     models, optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
-    unet = models.get("unet", parts.unet)
     ema = EMA(params, tc.ema_decay) if tc.ema_decay else None
 
     step, skipped, streak = 0, 0, 0
@@ -220,7 +230,8 @@ def train(config: Config) -> Path:
     def batches():
         while True:
             dataset.set_epoch(sampler.epoch)
-            for idx in sampler:
+            for positions in sampler:
+                idx = [train_items[p] for p in positions]
                 batch = collate([dataset[i] for i in idx])
                 batch["item"] = torch.tensor(idx)
                 yield batch
@@ -230,12 +241,13 @@ def train(config: Config) -> Path:
     window_bad, last, phase = False, time.perf_counter(), 0
     while step < tc.max_steps:
         # the cache stores fp16; steps compute in float32 and autocast lowers what mixed precision may
-        batch = {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in next(stream).items()}
+        batch = {k: (v.to(device, torch.float32) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+                 for k, v in next(stream).items()}
         gens = sample_generators(tc.seed, step * tc.gradient_accumulation_steps + phase, batch.pop("item"))
         phase = (phase + 1) % tc.gradient_accumulation_steps
         with accelerator.accumulate(*models.values()):
             with accelerator.autocast():
-                loss = diffusion_loss(unet, method, batch, parts, config, empty_text, gens)
+                loss = diffusion_loss(models, method, batch, parts, config, empty_text, gens)
             finite = accelerator.reduce(torch.isfinite(loss).float().reshape(1), "min").item() > 0
             if finite:
                 accelerator.backward(loss)
@@ -282,6 +294,9 @@ def train(config: Config) -> Path:
         last = now
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler)
+        if heldout and ((config.validation.every and step % config.validation.every == 0) or step == tc.max_steps):
+            val = _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, accelerator)
+            accelerator.log({"val_loss": val}, step=step)
         if config.validation.prompts and (
             (config.validation.every and step % config.validation.every == 0) or step == tc.max_steps
         ):
@@ -357,6 +372,29 @@ def _load_checkpoint(folder: Path, method, optimizer, scheduler, ema, sampler, r
     sampler.load_state_dict(counters["sampler"])
     _set_rng_state(torch.load(folder / f"rng_{rank}.pt", weights_only=False))
     return counters["step"], counters["skipped"], counters["streak"]
+
+
+@torch.no_grad()
+def _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, accelerator) -> float:
+    """The loss on held-out images at fixed timesteps with fixed noise: comparable across steps
+    and runs. Every process computes it (cheap), so no process waits on another."""
+    schedule, losses = parts.schedule, []
+    for i in heldout:
+        batch = collate([dataset[i]])
+        batch = {k: v.to(device, torch.float32) if torch.is_tensor(v) and v.is_floating_point() else v
+                 for k, v in batch.items()}
+        for t in config.validation.loss_timesteps:
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([config.train.seed, i, t]).generate_state(1)[0]))
+            latents = parts.vae.scale(batch["mean"])  # the posterior mean: no sampling noise
+            noise = torch.randn(latents.shape, generator=g).to(device)
+            tt = torch.full((1,), t, device=device)
+            text = method.encode_text(batch, torch.zeros(1, dtype=torch.bool, device=device), empty_text, models)
+            noisy = schedule.add_noise(latents, noise, tt)
+            kwargs = method.unet_kwargs(batch, noisy)
+            with accelerator.autocast():
+                pred = models.get("unet", parts.unet)(kwargs.pop("sample", noisy), tt, text, **kwargs)
+            losses.append(F.mse_loss(pred.float(), schedule.target(latents, noise, tt).float()).item())
+    return float(np.mean(losses))
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ from torch import nn
 
 from adapters.lora import LoraSettings, add_lora, lora_state_dict, save_diffusers, save_kohya
 
+from ldmcore.text import PromptEncoder
+
 from .method import Method
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -24,21 +26,32 @@ class LoraMethod(Method):
             rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=targets, init=c.init, use_dora=c.use_dora,
             text_encoder=c.text_encoder,
         )
-        if c.text_encoder:
-            raise NotImplementedError(
-                "lora.text_encoder: training the text encoder's LoRA is not wired into the trainer yet; "
-                "set lora.text_encoder=false"
-            )
+        self.cached_text = not c.text_encoder
 
     def build(self) -> None:
         add_lora(self.components.unet, self.settings)
+        if self.settings.text_encoder:
+            add_lora(self.components.text_encoder, self.settings, text_encoder=True)
 
     def trained_modules(self) -> dict[str, nn.Module]:
-        return {"unet": self.components.unet}
+        modules = {"unet": self.components.unet}
+        if self.settings.text_encoder:
+            modules["text_encoder"] = self.components.text_encoder
+        return modules
+
+    def encode_text(self, batch, drop, empty_text, models):
+        if not self.settings.text_encoder:
+            return super().encode_text(batch, drop, empty_text, models)
+        # the text encoder trains: encode the captions live, through the prepared (synchronised) module
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+        data = self.config.data
+        encoder = PromptEncoder(self.components.tokenizer, models["text_encoder"], data.clip_skip, data.max_windows)
+        return encoder(captions)
 
     def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
         unet_sd = lora_state_dict(self.components.unet)
+        text_sd = lora_state_dict(self.components.text_encoder) if self.settings.text_encoder else None
         meta = {**metadata, "trigger_words": ",".join(self.config.lora.trigger_words)}
-        save_diffusers(folder / DIFFUSERS_FILE, unet_sd, None, meta, settings=self.settings)
-        save_kohya(folder / KOHYA_FILE, unet_sd, None, self.settings, meta)
+        save_diffusers(folder / DIFFUSERS_FILE, unet_sd, text_sd, meta, settings=self.settings)
+        save_kohya(folder / KOHYA_FILE, unet_sd, text_sd, self.settings, meta)
         return [folder / DIFFUSERS_FILE, folder / KOHYA_FILE]

@@ -43,6 +43,12 @@ class Method:
 
     # -- one step ------------------------------------------------------------------------------
 
+    def encode_text(self, batch: dict, drop: torch.Tensor, empty_text: torch.Tensor, models: dict) -> torch.Tensor:
+        """The text embeddings of a batch, with dropped captions (`drop`, (b,) bool) replaced by the
+        empty prompt's. By default from the cache; a method training the text encoder encodes live."""
+        text = batch["text"]  # (b, tokens, width)
+        return torch.where(drop[:, None, None], empty_text.to(text), text)
+
     def unet_kwargs(self, batch: dict[str, torch.Tensor], noisy_latents: torch.Tensor) -> dict[str, Any]:
         """Extra inputs for the U-Net beyond (sample, timestep, encoder_hidden_states): the
         inpainting channels, ControlNet residuals. `sample` may be replaced by returning it."""
