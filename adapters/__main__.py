@@ -44,7 +44,8 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
         "export", help="write a LoRA in the diffusers and the kohya (A1111 / ComfyUI) layouts",
         description="Read a LoRA file in either layout, or a training checkpoint folder holding "
                     "pytorch_lora_weights.safetensors, and write both layouts to DIR.")
-    p.add_argument("source", metavar="SOURCE", help="a LoRA .safetensors file or a folder holding pytorch_lora_weights.safetensors")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a LoRA .safetensors file or a folder holding pytorch_lora_weights.safetensors")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the two files to")
     p.set_defaults(run=run_export)
 
@@ -76,9 +77,11 @@ def add_merge(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "merge", help="fold a LoRA into a model's weights",
         description="Load BASE (a diffusers model folder or an original single file), add scale * LoRA to "
-                    "its weights and save it: PATH ending in .safetensors as a single file, else as a diffusers folder.")
+                    "its weights and save it: PATH ending in .safetensors as a single file, else as a "
+                    "diffusers folder.")
     p.add_argument("base", metavar="BASE", help="diffusers model folder or single-file checkpoint")
-    p.add_argument("lora", metavar="LORA", help="LoRA file (either layout) or a folder holding pytorch_lora_weights.safetensors")
+    p.add_argument("lora", metavar="LORA",
+                   help="LoRA file (either layout) or a folder holding pytorch_lora_weights.safetensors")
     p.add_argument("--out", required=True, metavar="PATH", help="output: NAME.safetensors or a folder")
     p.add_argument("--scale", type=float, default=1.0, metavar="S", help="LoRA strength (1.0)")
     p.add_argument("--tokenizer", metavar="FOLDER", help="tokenizer folder, for single files that carry none")
@@ -86,10 +89,11 @@ def add_merge(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from adapters.lora import merge_lora
+    from adapters.lora import load_lora_file, merge_lora
     from ldmcore.checkpoints import load_components
 
     lora = _lora_file(args.lora)
+    load_lora_file(lora)  # a bad LoRA file is refused before the (large) model is read
     components = load_components(args.base, tokenizer=args.tokenizer)
     merge_lora(components, lora, scale=args.scale)
     out = Path(args.out)
@@ -145,7 +149,8 @@ COMMANDS = (add_export, add_merge, add_inspect)
 def main(argv: list[str] | None = None) -> int:
     # peft imports bitsandbytes, whose CPU backend warns on import about optional kernels
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    parser = argparse.ArgumentParser(prog="python -m adapters", description="LoRA export, merge and inspection for ldm-tune.")
+    parser = argparse.ArgumentParser(prog="python -m adapters",
+                                     description="LoRA export, merge and inspection for ldm-tune.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(subparsers)

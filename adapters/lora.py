@@ -72,7 +72,9 @@ class LoraSettings:
                     "or give a list of module-name suffixes or regular expressions"
                 )
         elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise ValueError(f"LoraSettings.targets must be a preset name or a non-empty list of strings, got {self.targets!r}")
+            raise ValueError(
+                f"LoraSettings.targets must be a preset name or a non-empty list of strings, got {self.targets!r}"
+            )
 
     @property
     def scale(self) -> float:
@@ -109,10 +111,10 @@ def target_names(model: nn.Module, settings: LoraSettings, *, text_encoder: bool
     names, used = [], set()
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            hit = next((p for p in patterns if _matches(name, p)), None)
-            if hit is not None:
+            hits = [p for p in patterns if _matches(name, p)]
+            if hits:
                 names.append(name)
-                used.add(hit)
+                used.update(hits)
     unused = [p for p in patterns if p not in used]
     if not names or (unused and not preset):
         raise ValueError(

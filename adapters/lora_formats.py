@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -169,7 +170,8 @@ def save_diffusers(
     for prefix, mods in (("unet", unet), ("text_encoder", text)):
         if mods:  # text names stay without `text_model.`: peft matches them as suffixes in either layout
             adapter |= {f"{prefix}.{k}": v for k, v in _peft_config(mods, rank, alpha).items()}
-    _write(path, tensors, {DIFFUSERS_KEY: json.dumps(adapter, sort_keys=True), OUR_KEY: _our_metadata(settings, metadata)})
+    meta = {DIFFUSERS_KEY: json.dumps(adapter, sort_keys=True), OUR_KEY: _our_metadata(settings, metadata)}
+    _write(path, tensors, meta)
 
 
 def _from_diffusers(state: dict, raw: dict, source: str):
@@ -197,8 +199,6 @@ def _from_diffusers(state: dict, raw: dict, source: str):
 
 
 def _pattern_value(pattern: dict, name: str, default):
-    import re
-
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key.lstrip('^')})$", name):
             return value
@@ -223,7 +223,9 @@ def module_from_kohya(name: str, source: str) -> tuple[str, bool]:
             break
     else:
         if name.startswith(("lora_te1_", "lora_te2_")):
-            raise CheckpointError(f"{source}: {name}: an SDXL LoRA (two text encoders); only SD 1.x / 2.x are supported")
+            raise CheckpointError(
+                f"{source}: {name}: an SDXL LoRA (two text encoders); only SD 1.x / 2.x are supported"
+            )
         raise CheckpointError(f"{source}: {name}: not a kohya LoRA module name (lora_unet_... or lora_te_...)")
     tokens, parts, i = name[len(prefix) :].split("_"), [], 0
     while i < len(tokens):
@@ -284,7 +286,8 @@ def save_kohya(
     for mods, text_part in ((unet, False), (text, True)):
         for module, p in mods.items():
             name = kohya_name(module, text_part)
-            tensors |= {f"{name}.lora_down.weight": p["A"], f"{name}.lora_up.weight": p["B"], f"{name}.alpha": torch.tensor(alpha)}
+            tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = p["A"], p["B"]
+            tensors[f"{name}.alpha"] = torch.tensor(alpha)  # 0-d float32, one tensor per module
     _write(path, tensors, {**_kohya_metadata(settings, unet, metadata), OUR_KEY: _our_metadata(settings, metadata)})
 
 
@@ -318,8 +321,8 @@ def _from_kohya(state: dict, source: str):
 def _one_alpha(unet: dict, text: dict, alphas: dict, preferred: float | None) -> float:
     """Fold per-module alphas into lora_B so that one alpha holds for all (see the module docstring)."""
     values = list(alphas.values())
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731  (kohya stores alpha as float32)
-    if preferred is not None and all(f32(a) == f32(preferred) for a in values):
+    f32 = torch.tensor(preferred or 0.0, dtype=torch.float32).item()  # kohya files store alpha as float32
+    if preferred is not None and all(a in (preferred, f32) for a in values):
         return float(preferred)
     alpha = collections.Counter(values).most_common(1)[0][0]
     for (prefix, name), a in alphas.items():
@@ -359,11 +362,15 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
             hint = "; this is diffusers' old attention-processor LoRA format: load it in diffusers and save it again"
         elif any(k.startswith(("model.diffusion_model.", "down_blocks.", "first_stage_model.")) for k in keys):
             hint = "; this looks like a model checkpoint, not a LoRA"
-        raise CheckpointError(f"{path}: not a LoRA file in the diffusers or kohya layout (keys: {preview_keys(keys)}){hint}")
+        raise CheckpointError(
+            f"{path}: not a LoRA file in the diffusers or kohya layout (keys: {preview_keys(keys)}){hint}"
+        )
     ours = json.loads(raw[OUR_KEY]) if OUR_KEY in raw else {}
     settings = ours.get("settings")
-    preferred = None if settings is None else float(settings["alpha"] if settings.get("alpha") is not None else settings["rank"])
-    alpha = _one_alpha(unet, text, alphas, preferred)
+    stored = None if settings is None else float(settings.get("alpha") or settings["rank"])
+    alpha = _one_alpha(unet, text, alphas, stored)
+    if settings is not None and alpha != stored:  # an edited file: the folded tensors follow the file
+        settings = {**settings, "alpha": alpha}
     if settings is None:
         rank = common_rank(unet, text)
         settings = {

@@ -5,14 +5,11 @@ from pathlib import Path
 
 from torch import nn
 
-from adapters.lora import LoraSettings, add_lora, lora_state_dict, save_diffusers, save_kohya
+from adapters.lora import DIFFUSERS_FILE, KOHYA_FILE, LoraSettings, add_lora, lora_state_dict, save_diffusers, save_kohya
 
 from ldmcore.text import PromptEncoder
 
 from .method import Method
-
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "lora_kohya.safetensors"
 
 
 class LoraMethod(Method):
@@ -53,5 +50,7 @@ class LoraMethod(Method):
         text_sd = lora_state_dict(self.components.text_encoder) if self.settings.text_encoder else None
         meta = {**metadata, "trigger_words": ",".join(self.config.lora.trigger_words)}
         save_diffusers(folder / DIFFUSERS_FILE, unet_sd, text_sd, meta, settings=self.settings)
+        if self.settings.use_dora:  # tools disagree on how kohya files store DoRA: diffusers layout only
+            return [folder / DIFFUSERS_FILE]
         save_kohya(folder / KOHYA_FILE, unet_sd, text_sd, self.settings, meta)
         return [folder / DIFFUSERS_FILE, folder / KOHYA_FILE]
