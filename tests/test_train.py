@@ -205,3 +205,16 @@ def test_heldout_validation_loss_and_ema(world, tmp_path):
 
     exported, _, _ = load_lora_file(out / "pytorch_lora_weights.safetensors")
     assert any(torch.equal(v.float(), s) for v in exported.values() for s in ema["shadow"] if v.shape == s.shape)
+
+
+def test_dora_run_exports_and_a_checkpoint_exports_from_the_command_line(world, tmp_path):
+    out = tmp_path / "dora"
+    run(world, out, "train.max_steps=2", "train.checkpoint_every=2", "lora.use_dora=true")
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "lora_kohya.safetensors").exists()
+    plain = tmp_path / "plain"
+    run(world, plain, "train.max_steps=2", "train.checkpoint_every=2")
+    proc = subprocess.run([sys.executable, "-m", "adapters", "export", str(plain / "checkpoints" / "step_00000002"),
+                           "--out", str(tmp_path / "exported")], cwd=str(ROOT), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == [
+        "lora_kohya.safetensors", "pytorch_lora_weights.safetensors"]
