@@ -56,6 +56,12 @@ def test_a_run_trains_checkpoints_logs_and_exports(world, tmp_path):
     run(world, out, "train.max_steps=4", "train.checkpoint_every=2", "validation.prompts=[a red circle]",
         "validation.steps=2")
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
+    from adapters.lora import load_lora_file
+    from data_tools.store import fingerprint
+    from ldmcore.unet import UNet
+
+    meta = load_lora_file(out / "lora_kohya.safetensors")[2]["user"]
+    assert meta["ldm_tune.base_model_hash"] == fingerprint(UNet.from_pretrained(world / "model" / "unet"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     assert (out / "config.yaml").read_text().count("max_steps: 4") == 1
     assert list((out / "logs").rglob("events.out.tfevents.*"))

@@ -26,6 +26,7 @@ from data_tools.buckets import BucketBatchSampler
 from data_tools.dataset import CachedDataset
 from data_tools.precompute import cache_dir_for, prepare_cache
 from data_tools.schema import dump_config
+from data_tools.store import fingerprint
 from ldmcore.checkpoints import Components, load_components
 
 from .config import Config
@@ -196,6 +197,7 @@ def train(config: Config) -> Path:
 
     # Seeded right here: what the method initialises (LoRA's A matrices) must depend on the seed
     # only, not on whether building the cache above drew from the global generator.
+    base_hash = fingerprint(parts.unet)  # of the base weights, before the method changes anything
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
@@ -293,7 +295,8 @@ def train(config: Config) -> Path:
             accelerator.log(scalars, step=step)
         last = now
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-            _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler)
+            _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler,
+                             _metadata(config, base_hash))
         if heldout and ((config.validation.every and step % config.validation.every == 0) or step == tc.max_steps):
             val = _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, accelerator)
             accelerator.log({"val_loss": val}, step=step)
@@ -307,22 +310,23 @@ def train(config: Config) -> Path:
     if main:
         if ema is not None:
             ema.swap()
-        method.export(output, _metadata(config, parts))
+        method.export(output, _metadata(config, base_hash))
         if ema is not None:
             ema.swap()
     accelerator.end_training()
     return output
 
 
-def _metadata(config: Config, parts: Components) -> dict[str, str]:
+def _metadata(config: Config, base_hash: str) -> dict[str, str]:
     return {
         "ldm_tune.method": config.method,
         "ldm_tune.base_model": str(config.model.path),
+        "ldm_tune.base_model_hash": base_hash,  # sha256 of the base U-Net's weights (first 32 hex digits)
         "ldm_tune.config": json.dumps(config.model_dump(mode="json")),
     }
 
 
-def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler) -> None:
+def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler, metadata) -> None:
     """Every process writes its global random state (LoRA dropout draws from it); the main process
     writes the rest and renames the folder into place only when everything is in it, so a crash
     mid-write leaves no complete-looking checkpoint."""
@@ -343,7 +347,7 @@ def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimiz
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if ema is not None:
             torch.save(ema.state_dict(), tmp / "ema.pt")
-        method.export(tmp, _metadata(method.config, method.components))
+        method.export(tmp, metadata)
         counters = {"step": step, "skipped": skipped, "streak": streak, "sampler": sampler.state_dict(),
                     "world_size": accelerator.num_processes}
         (tmp / "state.json").write_text(json.dumps(counters))  # written last: marks the folder complete
@@ -409,12 +413,16 @@ def _validate(accelerator, parts: Components, config: Config, output: Path, step
         unet = parts.unet
         was_training = unet.training
         unet.eval()
+        if torch.cuda.is_available():  # hand the activations' cached blocks to sampling
+            torch.cuda.empty_cache()
         images = []
         with accelerator.autocast():
             for seed in vc.seeds:
                 images += generate(parts, vc.prompts, seed=seed, steps=vc.steps, guidance_scale=vc.guidance_scale,
                                    sampler=vc.sampler)
         unet.train(was_training)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         w, h = images[0].size
         cols = len(vc.prompts)
         grid = Image.new("RGB", (w * cols, h * len(vc.seeds)))
