@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ldmcore.weights import CheckpointError, preview_keys
+from ldmcore.weights import CheckpointError, check_state_dict, preview_keys
 
 from .lora_formats import (  # noqa: F401  (re-exported: the one import point for LoRA)
     DIFFUSERS_FILE,
@@ -169,21 +169,8 @@ def set_lora_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> Non
     own = lora_state_dict(model)
     nested = any(k.startswith(TEXT_PREFIX) for k in own)  # a transformers 4.x text encoder
     sd = {(TEXT_PREFIX + bare_text_name(k) if nested else bare_text_name(k)): v for k, v in sd.items()}
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or unexpected:
-        parts = [f"the LoRA weights do not fit the LoRA layers of {type(model).__name__}"]
-        if missing:
-            parts.append(f"missing {len(missing)} keys: {preview_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys: {preview_keys(unexpected)}")
-        raise CheckpointError("; ".join(parts) + " (were the same targets and text_encoder setting used?)")
-    wrong = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(
-            f"{len(wrong)} LoRA weights have the wrong shape, first {k}: {tuple(sd[k].shape)} given, "
-            f"{tuple(own[k].shape)} in the model (another rank?)"
-        )
+    check_state_dict(own, sd, f"the LoRA weights do not fit the LoRA layers of {type(model).__name__}",
+                     hint="were the same targets, rank and text_encoder setting used?")
     set_peft_model_state_dict(model, dict(sd))
 
 

@@ -100,27 +100,37 @@ def describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
     return "the checkpoint and the config describe different architectures"
 
 
-def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """`load_state_dict(strict=True)` that explains itself: which keys, which shapes, and a guess why."""
-    own = module.state_dict()
-    missing = sorted(k for k in own if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in own)
+def check_state_dict(
+    own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], what: str, hint: str = ""
+) -> None:
+    """Raise a CheckpointError unless `given` has exactly the keys and shapes of `own`: the
+    message names the first missing and unexpected keys, the first wrong shape, and `hint` (or a
+    guess at the cause from the keys)."""
+    missing = sorted(k for k in own if k not in given)
+    unexpected = sorted(k for k in given if k not in own)
     if missing or unexpected:
-        parts = [f"{source}: the weights do not fit {type(module).__name__}"]
+        parts = [what]
         if missing:
             parts.append(f"missing {len(missing)} keys: {preview_keys(missing)}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys: {preview_keys(unexpected)}")
-        guess = describe_mismatch(missing, unexpected)
-        if guess:
-            parts.append(f"likely cause: {guess}")
+        cause = hint or describe_mismatch(missing, unexpected)
+        if cause:
+            parts.append(f"likely cause: {cause}")
         raise CheckpointError("; ".join(parts))
-    wrong = [k for k, v in own.items() if tuple(state_dict[k].shape) != tuple(v.shape)]
+    wrong = [k for k, v in own.items() if tuple(given[k].shape) != tuple(v.shape)]
     if wrong:
         k = wrong[0]
-        detail = f"{k} is {tuple(state_dict[k].shape)} in the file but {tuple(own[k].shape)} in the model"
-        hint = ""
-        if k == "conv_in.weight" and state_dict[k].shape[1] == 9:
-            hint = "; this is a 9-channel inpainting U-Net: set in_channels=9 in the config"
-        raise CheckpointError(f"{source}: {len(wrong)} parameters have the wrong shape, first {detail}{hint}")
+        detail = f"{k} is {tuple(given[k].shape)} in the file but {tuple(own[k].shape)} in the model"
+        extra = ""
+        if k == "conv_in.weight" and given[k].shape[1] == 9:
+            extra = "; this is a 9-channel inpainting U-Net: set in_channels=9 in the config"
+        elif hint:
+            extra = f"; {hint}"
+        raise CheckpointError(f"{what}: {len(wrong)} tensors have the wrong shape, first {detail}{extra}")
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict(strict=True)` that explains itself: which keys, which shapes, and a guess why."""
+    check_state_dict(module.state_dict(), state_dict, f"{source}: the weights do not fit {type(module).__name__}")
     module.load_state_dict(state_dict, strict=True)

@@ -224,3 +224,11 @@ def test_dora_run_exports_and_a_checkpoint_exports_from_the_command_line(world, 
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == [
         "lora_kohya.safetensors", "pytorch_lora_weights.safetensors"]
+
+
+def test_resuming_with_another_lora_setting_is_refused_clearly(world, tmp_path):
+    out = tmp_path / "r"
+    run(world, out, "train.max_steps=2", "train.checkpoint_every=2")
+    proc = run(world, out, "train.max_steps=4", "train.resume=latest", "lora.rank=8", expect=2)
+    assert "does not fit this run's trained parameters" in proc.stderr and "LoRA setting" in proc.stderr
+    assert "Traceback" not in proc.stderr

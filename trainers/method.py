@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ldmcore.checkpoints import Components
+from ldmcore.weights import check_state_dict
 
 from .config import Config
 
@@ -71,12 +72,8 @@ class Method:
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = {f"{n}.{k}": p for n, m in self.trained_modules().items() for k, p in m.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise ValueError(
-                f"the checkpoint does not fit this run's trained parameters (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}); was it written with another method or LoRA setting?"
-            )
+        check_state_dict(params, state, "the checkpoint does not fit this run's trained parameters",
+                         hint="was it written with another method or LoRA setting?")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(state[k].to(p.device, p.dtype))
