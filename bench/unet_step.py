@@ -35,7 +35,27 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
+def fill_seeded(named_tensors) -> None:
+    """Fill every (name, tensor) with N(0, 0.02^2) drawn from a generator seeded by the name, so
+    that two models holding a tensor of the same name get the same values."""
+    import torch
+
+    with torch.no_grad():
+        for name, t in named_tensors:
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+
+
 def build(impl: str, preset: str, dtype, device):
+    # allocated in `dtype` directly: a float32 copy cast afterwards would set the process's peak
+    model, cfg = seeded_model(impl, preset, device, dtype)
+    return model.train(), cfg
+
+
+def seeded_model(impl: str, preset: str, device, dtype=None):
+    """The U-Net of `impl` ("ldmcore" or "diffusers") for `preset`, on `device`, weights seeded by
+    name. Given a `dtype`, allocated in it: the values of seeding in float32 and casting, without
+    ever holding the float32 copy (whose peak a CPU memory measurement would see)."""
     import torch
 
     from ldmcore.presets import get_preset
@@ -50,12 +70,11 @@ def build(impl: str, preset: str, dtype, device):
             from diffusers import UNet2DConditionModel
 
             model = UNet2DConditionModel(**cfg)
+    if dtype is not None:
+        model.to(dtype)
     model.to_empty(device=device)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            t.copy_(torch.randn(t.shape, generator=g) * 0.02)
-    return model.to(dtype).train(), cfg
+    fill_seeded(model.state_dict().items())
+    return model, cfg
 
 
 def worker(args) -> dict:
@@ -84,52 +103,69 @@ def worker(args) -> dict:
         loss.backward()
         return loss.item()
 
+    r = measure_steps(step, device, args.steps, args.warmup)
+    loss = r["values"][max(args.warmup - 1, 0)]  # the last warm-up step's (every step computes the same)
+    return {"step_s": r["step_s"], "peak_mib": r["peak_mib"], "loss": loss}
+
+
+def measure_steps(step, device, steps: int, warmup: int) -> dict:
+    """Call `step` `warmup` times, then `steps` times timed. Returns the median time of the timed
+    calls, the peak memory in MiB and the value of every call, in order. The peak, on CUDA: torch's
+    allocator over the timed calls; on CPU: the rise of the peak resident set over all calls above
+    the resident set before the first (the kernel's peak counter cannot be reset in every container)."""
+    import torch
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # CPU: the peak over all steps, warm-up included, above the resident set before the first
-    # (the kernel's peak counter cannot be reset in every container).
     base = _rss_kib("VmRSS")
-    first_loss = None
-    for _ in range(args.warmup):
-        first_loss = step()
+    values = [step() for _ in range(warmup)]
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         start = time.perf_counter()
-        loss = step()
+        values.append(step())
         sync()
         times.append(time.perf_counter() - start)
-        first_loss = first_loss if first_loss is not None else loss
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = (_rss_kib("VmHWM") - base) / 1024
     times.sort()
-    return {"step_s": times[len(times) // 2], "peak_mib": peak, "loss": first_loss}
+    return {"step_s": times[len(times) // 2], "peak_mib": peak, "values": values}
 
 
-def _spawn(impl: str, dtype: str, args, steps: int, warmup: int, env: dict) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--dtype", dtype, "--steps", str(steps), "--warmup", str(warmup)]
-    for key in ("preset", "resolution", "batch", "device", "grads"):
-        cmd += [f"--{key}", str(getattr(args, key))]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def spawn(script: str, argv: list[str], label: str, env: dict | None = None) -> dict:
+    """Run `script argv` in a fresh Python and return the JSON its worker printed last."""
+    cmd = [sys.executable, script, *argv]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     if out.returncode != 0:
-        raise SystemExit(f"{impl} {dtype} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{label} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_worker(impl: str, dtype: str, args) -> dict:
-    result = _spawn(impl, dtype, args, args.steps, args.warmup, {})
-    if args.device == "cpu":
+def measure(script: str, argv: list[str], device: str, steps: int, warmup: int, label: str) -> dict:
+    """A worker's timing run; on CPU its peak memory comes from a second run of one step."""
+    result = spawn(script, [*argv, "--steps", str(steps), "--warmup", str(warmup)], label)
+    if device == "cpu":
         # A second process for memory: large blocks through mmap, so that freed tensors leave the
         # resident set and its peak measures live memory rather than what glibc keeps cached. The
         # page faults this causes would distort the timing, hence two runs.
-        result["peak_mib"] = _spawn(impl, dtype, args, 1, 1, {"MALLOC_MMAP_THRESHOLD_": "65536"})["peak_mib"]
+        result["peak_mib"] = spawn(script, [*argv, "--steps", "1", "--warmup", "1"], label, MEMORY_ENV)["peak_mib"]
     return result
+
+
+def run_worker(impl: str, dtype: str, args) -> dict:
+    argv = ["--worker", impl, "--dtype", dtype]
+    for key in ("preset", "resolution", "batch", "device", "grads"):
+        argv += [f"--{key}", str(getattr(args, key))]
+    return measure(__file__, argv, args.device, args.steps, args.warmup, f"{impl} {dtype}")
 
 
 def main() -> None:
