@@ -10,7 +10,6 @@ import dataclasses
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import Transformer2DModel

@@ -1,5 +1,4 @@
 """load_components and saving, both layouts, checked against diffusers reading the same files."""
-import json
 
 import pytest
 import torch

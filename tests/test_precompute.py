@@ -13,7 +13,7 @@ from PIL import Image
 from data_tools.config import DataConfig
 from data_tools.dataset import CachedDataset
 from data_tools.images import load_rgb, read_bytes
-from data_tools.precompute import CachePlan, precompute
+from data_tools.precompute import precompute
 from data_tools.scan import scan
 from data_tools.transforms import CropPlan, apply, to_tensor
 from ldmcore.checkpoints import Components
