@@ -19,7 +19,6 @@ from pydantic import Field
 from data_tools.config import DataConfig
 from data_tools.schema import Strict, load_config
 
-METHODS = ("lora", "dreambooth", "full", "inpaint", "controlnet")
 
 
 class ModelConfig(Strict):
@@ -84,8 +83,45 @@ class ValidationConfig(Strict):
     heldout: int = Field(0, ge=0)  # images kept out of training for the validation loss
 
 
+class DreamBoothConfig(Strict):
+    """Instance images (data.path, data.instance_prompt with the trigger word) trained together with
+    class images (data.class_path, data.class_prompt) that keep the class from drifting."""
+    train: Literal["lora", "full"] = "lora"  # what trains: a LoRA (the `lora` section) or the whole U-Net
+    prior_preservation: bool = True
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(100, ge=0)  # generated with the base when data.class_path has fewer
+    class_steps: int = Field(25, ge=1)  # sampling steps for generated class images
+    class_guidance_scale: float = 7.5
+    class_batch_size: int = Field(4, ge=1)
+
+
+class FullConfig(Strict):
+    """Every U-Net weight trains (use train.optimizer.name: adamw8bit and gradient checkpointing to
+    fit memory); the result is exported as a diffusers folder and a single file."""
+    single_file: bool = True  # also write model.safetensors in the original layout
+
+
+class InpaintConfig(Strict):
+    """9-channel inpainting U-Net: noisy latent, mask and masked-image latent. Needs
+    data.cache.inpaint_masks > 0."""
+    full_mask_share: float = Field(0.1, ge=0, le=1)  # steps trained with the whole image masked (plain generation)
+
+
+class ControlNetConfig(Strict):
+    """A ControlNet copied from the base U-Net's encoder; the U-Net stays frozen. Needs data.cache.control."""
+    conditioning_channels: int = Field(3, ge=1)
+    conditioning_embedding_channels: tuple[int, ...] = (16, 32, 96, 256)
+    conditioning_scale: float = 1.0  # scale of the residuals at validation
+
+
+class VaeConfig(Strict):
+    """Train the KL autoencoder itself (the tiny world's base): L1 reconstruction plus a small KL term."""
+    kl_weight: float = Field(1e-6, ge=0)
+    l2_weight: float = Field(0.0, ge=0)  # an optional MSE term beside L1
+
+
 class Config(Strict):
-    method: Literal["lora", "dreambooth", "full", "inpaint", "controlnet"]
+    method: Literal["lora", "dreambooth", "full", "inpaint", "controlnet", "vae"]
     model: ModelConfig
     data: DataConfig
     output_dir: str
@@ -93,6 +129,11 @@ class Config(Strict):
     loss: LossConfig = LossConfig()
     lora: LoraConfig = LoraConfig()
     validation: ValidationConfig = ValidationConfig()
+    dreambooth: DreamBoothConfig = DreamBoothConfig()
+    full: FullConfig = FullConfig()
+    inpaint: InpaintConfig = InpaintConfig()
+    controlnet: ControlNetConfig = ControlNetConfig()
+    vae: VaeConfig = VaeConfig()
 
 
 def read_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:

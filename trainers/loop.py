@@ -22,14 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.buckets import BucketBatchSampler
-from data_tools.dataset import CachedDataset
-from data_tools.precompute import cache_dir_for, prepare_cache
 from data_tools.schema import dump_config
 from data_tools.store import fingerprint
 from ldmcore.checkpoints import Components, load_components
 
 from .config import Config
-from .method import Method
+from .method import Method, diffusion_loss  # noqa: F401  (diffusion_loss: re-exported for bench/)
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +39,24 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on; the message says why and what was kept."""
 
 
-def make_method(config: Config, components: Components) -> Method:
-    from .lora import LoraMethod
+#: method name -> "module:Class"; imported on use so a method's dependencies load only when it runs
+METHODS = {
+    "lora": "trainers.lora:LoraMethod",
+    "dreambooth": "trainers.dreambooth:DreamBoothMethod",
+    "full": "trainers.full:FullMethod",
+    "inpaint": "trainers.inpaint:InpaintMethod",
+    "controlnet": "trainers.controlnet:ControlNetMethod",
+    "vae": "trainers.vae:VaeMethod",
+}
 
-    methods = {"lora": LoraMethod}
-    if config.method not in methods:
-        raise NotImplementedError(f"method {config.method!r} is not available yet; choose one of {sorted(methods)}")
-    return methods[config.method](config, components)
+
+def make_method(config: Config, components: Components) -> Method:
+    import importlib
+
+    if config.method not in METHODS:
+        raise NotImplementedError(f"method {config.method!r} is not available; choose one of {sorted(METHODS)}")
+    module, cls = METHODS[config.method].split(":")
+    return getattr(importlib.import_module(module), cls)(config, components)
 
 
 def collate(items: list[dict]) -> dict:
@@ -65,52 +74,6 @@ def sample_generators(seed: int, micro_step: int, items: torch.Tensor) -> list[t
     draws what the uninterrupted one did, with no generator state to save."""
     keys = [np.random.SeedSequence([seed, micro_step, int(i)]).generate_state(1, np.uint64)[0] for i in items]
     return [torch.Generator().manual_seed(int(k)) for k in keys]
-
-
-def diffusion_loss(models: dict, method: Method, batch: dict, parts: Components, config: Config, empty_text, gens) -> torch.Tensor:
-    """The denoising loss of one batch; the random draws of sample j come from gens[j] (CPU)."""
-    device = batch["mean"].device
-    lc, schedule = config.loss, parts.schedule
-    per_sample_shape = batch["mean"].shape[1:]  # (4, h, w)
-
-    def draw(fn):  # one draw per sample, stacked to a batch on the device
-        return torch.stack([fn(g) for g in gens]).to(device)
-
-    mean, std = batch["mean"].float(), batch["std"].float()  # (b, 4, h, w)
-    latents = parts.vae.scale(mean + std * draw(lambda g: torch.randn(per_sample_shape, generator=g)))
-    noise = draw(lambda g: torch.randn(per_sample_shape, generator=g))
-    t = draw(lambda g: torch.randint(0, schedule.num_train_timesteps, (), generator=g))  # (b,)
-    if lc.noise_offset:
-        noise = noise + lc.noise_offset * draw(lambda g: torch.randn(per_sample_shape[0], 1, 1, generator=g))
-    input_noise = noise
-    if lc.input_perturbation:
-        input_noise = noise + lc.input_perturbation * draw(lambda g: torch.randn(per_sample_shape, generator=g))
-    noisy = schedule.add_noise(latents, input_noise, t)
-    target = schedule.target(latents, noise, t)
-
-    drop = torch.zeros(len(gens), dtype=torch.bool, device=device)
-    if lc.caption_dropout:
-        drop = draw(lambda g: torch.rand((), generator=g) < lc.caption_dropout)
-    text = method.encode_text(batch, drop, empty_text, models)  # (b, tokens, width)
-    unet = models.get("unet", parts.unet)
-
-    kwargs = method.unet_kwargs(batch, noisy)
-    sample = kwargs.pop("sample", noisy)
-    pred = unet(sample, t, text, **kwargs)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (b,)
-
-    weights = torch.ones_like(per_sample)
-    if lc.min_snr_gamma:
-        snr = schedule.snr(t).to(device)
-        capped = snr.clamp(max=lc.min_snr_gamma)
-        if schedule.prediction_type == "v_prediction":
-            weights = capped / (snr + 1)
-        else:  # epsilon: min(snr, gamma) / snr; zero-terminal-SNR timesteps (snr = 0) keep weight 1
-            weights = torch.where(snr > 0, capped / snr.clamp(min=1e-12), torch.ones_like(snr))
-    extra = method.sample_weights(batch)
-    if extra is not None:
-        weights = weights * extra.to(weights)
-    return (per_sample * weights).mean()
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -180,13 +143,10 @@ def train(config: Config) -> Path:
     # The cache first: the VAE and the text encoder are needed for it, not for the steps.
     parts.vae.to(device)
     parts.text_encoder.to(device)
-    plan, _ = prepare_cache(config.data, parts.vae, parts.prompt_encoder(config.data.clip_skip, config.data.max_windows),
-                            progress=main)
-    dataset = CachedDataset(cache_dir_for(config.data), plan, seed=tc.seed)
+    dataset, keys = method.dataset(device, progress=main)
     empty_text = dataset.empty_text().float().to(device)
-    # the last `validation.heldout` images (in cache-key order, so the choice does not depend on
-    # file order) are kept out of training for the validation loss
-    order = sorted(range(len(dataset)), key=lambda i: plan.items[i].latents[0])
+    # the last `validation.heldout` images in key order are kept out of training for the validation loss
+    order = sorted(range(len(dataset)), key=lambda i: keys[i])
     heldout = sorted(order[len(order) - config.validation.heldout :]) if config.validation.heldout else []
     if heldout and len(heldout) >= len(dataset):
         raise TrainingStopped(f"validation.heldout={config.validation.heldout} leaves no image to train on")
@@ -200,9 +160,10 @@ def train(config: Config) -> Path:
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
+    for frozen in (parts.unet, parts.vae, parts.text_encoder):  # a method unfreezes what it trains
+        frozen.requires_grad_(False)
     method.build()
     weight_dtype = DTYPES[tc.mixed_precision]
-    parts.vae.requires_grad_(False)
     for module in {"unet": parts.unet, **method.trained_modules()}.values():
         module.to(device)
         for p in module.parameters():  # the frozen base in low precision, trained weights in float32
@@ -248,7 +209,7 @@ def train(config: Config) -> Path:
         phase = (phase + 1) % tc.gradient_accumulation_steps
         with accelerator.accumulate(*models.values()):
             with accelerator.autocast():
-                loss = diffusion_loss(models, method, batch, parts, config, empty_text, gens)
+                loss = method.loss(models, batch, empty_text, gens)
             finite = accelerator.reduce(torch.isfinite(loss).float().reshape(1), "min").item() > 0
             if finite:
                 accelerator.backward(loss)
@@ -302,7 +263,7 @@ def train(config: Config) -> Path:
         if config.validation.prompts and (
             (config.validation.every and step % config.validation.every == 0) or step == tc.max_steps
         ):
-            _validate(accelerator, parts, config, output, step)
+            _validate(accelerator, method, config, output, step)
     bar.close()
 
     accelerator.wait_for_everyone()
@@ -393,7 +354,7 @@ def _validation_loss(models, method, dataset, heldout, parts, config, empty_text
             tt = torch.full((1,), t, device=device)
             text = method.encode_text(batch, torch.zeros(1, dtype=torch.bool, device=device), empty_text, models)
             noisy = schedule.add_noise(latents, noise, tt)
-            kwargs = method.unet_kwargs(batch, noisy)
+            kwargs = method.unet_kwargs(batch, noisy, tt, text, models)
             with accelerator.autocast():
                 pred = models.get("unet", parts.unet)(kwargs.pop("sample", noisy), tt, text, **kwargs)
             losses.append(F.mse_loss(pred.float(), schedule.target(latents, noise, tt).float()).item())
@@ -401,15 +362,13 @@ def _validation_loss(models, method, dataset, heldout, parts, config, empty_text
 
 
 @torch.no_grad()
-def _validate(accelerator, parts: Components, config: Config, output: Path, step: int) -> None:
+def _validate(accelerator, method: Method, config: Config, output: Path, step: int) -> None:
     """Sample the validation prompts on the main process and save a grid; the others wait."""
     from PIL import Image
 
-    from ldmcore.pipeline import generate
-
     if accelerator.is_main_process:
         vc = config.validation
-        unet = parts.unet
+        unet = method.components.unet
         was_training = unet.training
         unet.eval()
         if torch.cuda.is_available():  # hand the activations' cached blocks to sampling
@@ -417,8 +376,8 @@ def _validate(accelerator, parts: Components, config: Config, output: Path, step
         images = []
         with accelerator.autocast():
             for seed in vc.seeds:
-                images += generate(parts, vc.prompts, seed=seed, steps=vc.steps, guidance_scale=vc.guidance_scale,
-                                   sampler=vc.sampler)
+                images += method.generate(vc.prompts, seed, steps=vc.steps, guidance_scale=vc.guidance_scale,
+                                          sampler=vc.sampler)
         unet.train(was_training)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from ldmcore.checkpoints import Components
 from ldmcore.weights import check_state_dict
@@ -42,6 +44,27 @@ class Method:
     def parameters(self) -> list[nn.Parameter]:
         return [p for m in self.trained_modules().values() for p in m.parameters() if p.requires_grad]
 
+    # -- data ----------------------------------------------------------------------------------
+
+    def dataset(self, device: torch.device, progress: bool) -> tuple[Dataset, list[str]]:
+        """The training dataset, and a stable key per item (the held-out split is chosen by key
+        order, so it does not depend on file order). By default the precompute cache, built first
+        where it is missing; the VAE and text encoder are on `device` while this runs."""
+        from data_tools.dataset import CachedDataset
+        from data_tools.precompute import cache_dir_for, prepare_cache
+
+        parts, data = self.components, self.config.data
+        plan, _ = prepare_cache(data, parts.vae, parts.prompt_encoder(data.clip_skip, data.max_windows),
+                                progress=progress)
+        return CachedDataset(cache_dir_for(data), plan, seed=self.config.train.seed), [it.latents[0] for it in plan.items]
+
+    def generate(self, prompts: list[str], seed: int, **kwargs) -> list:
+        """Validation samples (PIL images) of the model as it trains; `kwargs` are
+        `ldmcore.pipeline.generate`'s (steps, guidance_scale, sampler)."""
+        from ldmcore.pipeline import generate
+
+        return generate(self.components, prompts, seed=seed, **kwargs)
+
     # -- one step ------------------------------------------------------------------------------
 
     def encode_text(self, batch: dict, drop: torch.Tensor, empty_text: torch.Tensor, models: dict) -> torch.Tensor:
@@ -50,10 +73,18 @@ class Method:
         text = batch["text"]  # (b, tokens, width)
         return torch.where(drop[:, None, None], empty_text.to(text), text)
 
-    def unet_kwargs(self, batch: dict[str, torch.Tensor], noisy_latents: torch.Tensor) -> dict[str, Any]:
+    def unet_kwargs(self, batch: dict[str, torch.Tensor], noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                    text: torch.Tensor, models: dict[str, nn.Module]) -> dict[str, Any]:
         """Extra inputs for the U-Net beyond (sample, timestep, encoder_hidden_states): the
-        inpainting channels, ControlNet residuals. `sample` may be replaced by returning it."""
+        inpainting channels, ControlNet residuals. `sample` may be replaced by returning it.
+        `models` holds the prepared (wrapped) trained modules, by the names of `trained_modules`."""
         return {}
+
+    def loss(self, models: dict[str, nn.Module], batch: dict, empty_text: torch.Tensor,
+             generators: list[torch.Generator]) -> torch.Tensor:
+        """The loss of one micro-batch; sample j draws its randomness from generators[j] only.
+        By default the denoising loss; a method that trains something else (the VAE) replaces it."""
+        return diffusion_loss(models, self, batch, self.components, self.config, empty_text, generators)
 
     def sample_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Per-sample loss weights (prior preservation weighs class images), or None."""
@@ -81,3 +112,49 @@ class Method:
     def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
         """Write the result in the formats other tools load; returns the files written."""
         raise NotImplementedError
+
+
+def diffusion_loss(models: dict, method: Method, batch: dict, parts: Components, config: Config, empty_text, gens) -> torch.Tensor:
+    """The denoising loss of one batch; the random draws of sample j come from gens[j] (CPU)."""
+    device = batch["mean"].device
+    lc, schedule = config.loss, parts.schedule
+    per_sample_shape = batch["mean"].shape[1:]  # (4, h, w)
+
+    def draw(fn):  # one draw per sample, stacked to a batch on the device
+        return torch.stack([fn(g) for g in gens]).to(device)
+
+    mean, std = batch["mean"].float(), batch["std"].float()  # (b, 4, h, w)
+    latents = parts.vae.scale(mean + std * draw(lambda g: torch.randn(per_sample_shape, generator=g)))
+    noise = draw(lambda g: torch.randn(per_sample_shape, generator=g))
+    t = draw(lambda g: torch.randint(0, schedule.num_train_timesteps, (), generator=g))  # (b,)
+    if lc.noise_offset:
+        noise = noise + lc.noise_offset * draw(lambda g: torch.randn(per_sample_shape[0], 1, 1, generator=g))
+    input_noise = noise
+    if lc.input_perturbation:
+        input_noise = noise + lc.input_perturbation * draw(lambda g: torch.randn(per_sample_shape, generator=g))
+    noisy = schedule.add_noise(latents, input_noise, t)
+    target = schedule.target(latents, noise, t)
+
+    drop = torch.zeros(len(gens), dtype=torch.bool, device=device)
+    if lc.caption_dropout:
+        drop = draw(lambda g: torch.rand((), generator=g) < lc.caption_dropout)
+    text = method.encode_text(batch, drop, empty_text, models)  # (b, tokens, width)
+    unet = models.get("unet", parts.unet)
+
+    kwargs = method.unet_kwargs(batch, noisy, t, text, models)
+    sample = kwargs.pop("sample", noisy)
+    pred = unet(sample, t, text, **kwargs)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (b,)
+
+    weights = torch.ones_like(per_sample)
+    if lc.min_snr_gamma:
+        snr = schedule.snr(t).to(device)
+        capped = snr.clamp(max=lc.min_snr_gamma)
+        if schedule.prediction_type == "v_prediction":
+            weights = capped / (snr + 1)
+        else:  # epsilon: min(snr, gamma) / snr; zero-terminal-SNR timesteps (snr = 0) keep weight 1
+            weights = torch.where(snr > 0, capped / snr.clamp(min=1e-12), torch.ones_like(snr))
+    extra = method.sample_weights(batch)
+    if extra is not None:
+        weights = weights * extra.to(weights)
+    return (per_sample * weights).mean()
