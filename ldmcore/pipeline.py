@@ -57,6 +57,7 @@ def generate(
     output: str = "pil",
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
+    unet_inputs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict] | None = None,
 ) -> list[Image.Image] | torch.Tensor:
     """Sample images for `prompt` (one image per prompt).
 
@@ -64,6 +65,10 @@ def generate(
     `strength` selects (1.0 = pure noise, as text-to-image) and denoised from there. The seed
     fixes the noise: a CPU generator, so the same seed gives the same start on every device.
     `output="latent"` returns the final latents instead of images.
+
+    `unet_inputs(x_t, t, encoder_hidden_states)` adds inputs to every U-Net call (ControlNet
+    residuals, the inpainting channels); it may return "sample" to replace x_t. Classifier-free
+    guidance may batch the conditional and unconditional halves, so it must fit x_t's batch.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
@@ -85,7 +90,9 @@ def generate(
     cond, uncond = pad_to_same_length(cond, uncond, encoder([""]))
 
     def unet_call(x_t, t, encoder_hidden_states):
-        return unet(x_t.to(dtype), t, encoder_hidden_states.to(dtype)).float()
+        extra = unet_inputs(x_t, t, encoder_hidden_states) if unet_inputs is not None else {}
+        sample = extra.pop("sample", x_t)
+        return unet(sample.to(dtype), t, encoder_hidden_states.to(dtype), **extra).float()
 
     model = classifier_free_guidance(unet_call, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}, guidance_scale)
     step_fn, grid_style = SAMPLERS[sampler]
