@@ -90,6 +90,9 @@ class Components:
             pipeline = "StableDiffusionInpaintPipeline" if self.unet.config.in_channels == 9 else "StableDiffusionPipeline"
             index = {
                 "_class_name": pipeline,
+                # diffusers reads inpainting folders of version <= 0.5.1 as its legacy pipeline; the
+                # layout written here is the current one
+                "_diffusers_version": "0.30.0",
                 "unet": ["diffusers", "UNet2DConditionModel"],
                 "vae": ["diffusers", "AutoencoderKL"],
                 "text_encoder": ["transformers", "CLIPTextModel"],

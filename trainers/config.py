@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Literal, Optional, Sequence, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from data_tools.config import DataConfig
 from data_tools.schema import Strict, load_config
@@ -102,9 +102,19 @@ class FullConfig(Strict):
 
 
 class InpaintConfig(Strict):
-    """9-channel inpainting U-Net: noisy latent, mask and masked-image latent. Needs
-    data.cache.inpaint_masks > 0."""
-    full_mask_share: float = Field(0.1, ge=0, le=1)  # steps trained with the whole image masked (plain generation)
+    """9-channel inpainting U-Net: noisy latent, mask and masked-image latent. Starts from an
+    inpainting checkpoint, or widens a 4-channel U-Net's conv_in (new channels at zero); the whole
+    U-Net trains. Needs data.cache.inpaint_masks > 0."""
+    full_mask_share: float = Field(0.1, ge=0, le=1)  # samples trained with the whole image masked (plain generation)
+    validation_image: Optional[str] = None  # a picture to inpaint at validation; None: full-mask (plain) samples
+    validation_mask: Optional[str] = None  # its mask, white = repaint; set both or neither
+    single_file: bool = True  # also write model.safetensors in the original layout
+
+    @model_validator(mode="after")
+    def _image_and_mask_together(self):
+        if (self.validation_image is None) != (self.validation_mask is None):
+            raise ValueError("set both inpaint.validation_image and inpaint.validation_mask, or neither")
+        return self
 
 
 class ControlNetConfig(Strict):
