@@ -191,6 +191,25 @@ class UpBlock(nn.Module):
         return x
 
 
+def down_blocks(cfg: UNetConfig, temb_ch: int) -> nn.ModuleList:
+    """The encoder half, one DownBlock per level. The ControlNet builds its copy with this too."""
+    ch = cfg.block_out_channels
+    return nn.ModuleList(
+        DownBlock(cfg, level, ch[max(level - 1, 0)], ch[level], temb_ch, kind == CROSS_DOWN, level == len(ch) - 1)
+        for level, kind in enumerate(cfg.down_block_types)
+    )
+
+
+def embed_timesteps(time_embedding: TimestepEmbedding, cfg, timestep, sample: torch.Tensor) -> torch.Tensor:
+    """timestep () or (b,) -> (b, 4 * c0): sinusoidal features through the learned MLP, in `sample`'s dtype.
+    `cfg` needs block_out_channels, flip_sin_to_cos and freq_shift (the U-Net's or the ControlNet's)."""
+    b = sample.shape[0]
+    t = torch.as_tensor(timestep, device=sample.device)
+    t = t.expand(b) if t.ndim == 0 else t.reshape(-1).expand(b)
+    temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)  # (b, c0)
+    return time_embedding(temb.to(sample.dtype))
+
+
 def _transformer(cfg: UNetConfig, ch: int, heads: int, depth: int) -> Transformer2DModel:
     return Transformer2DModel(
         ch,
@@ -218,11 +237,7 @@ class UNet(ConfigModel):
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
 
-        self.down_blocks = nn.ModuleList()
-        for level, kind in enumerate(config.down_block_types):
-            in_ch = ch[max(level - 1, 0)]
-            last = level == len(ch) - 1
-            self.down_blocks.append(DownBlock(config, level, in_ch, ch[level], temb_ch, kind == CROSS_DOWN, last))
+        self.down_blocks = down_blocks(config, temb_ch)
 
         rev = ch[::-1]
         self.up_blocks = nn.ModuleList()
@@ -255,11 +270,7 @@ class UNet(ConfigModel):
     ) -> torch.Tensor:
         """sample (b, in_channels, h, w), timestep () or (b,), encoder_hidden_states (b, tokens, cross_dim)
         -> prediction (b, out_channels, h, w). The optional residuals come from a ControlNet, one per skip."""
-        b = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.expand(b) if t.ndim == 0 else t.reshape(-1).expand(b)
-        temb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift)
-        temb = self.time_embedding(temb.to(sample.dtype))  # (b, 4 * c0)
+        temb = embed_timesteps(self.time_embedding, self.config, timestep, sample)  # (b, 4 * c0)
         context = encoder_hidden_states
 
         if self.config.center_input_sample:
