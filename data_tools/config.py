@@ -25,7 +25,7 @@ class CacheConfig(Strict):
 
 class DataConfig(Strict):
     path: str  # a folder of images (sidecar captions or metadata.jsonl/csv) or a saved datasets folder
-    resolution: int = Field(512, ge=64)  # bucket area is resolution**2; 512 for SD 1.x, 768 for SD 2.x
+    resolution: int = Field(512, ge=16)  # bucket area is resolution**2; 512 for SD 1.x, 768 for SD 2.x
     bucket_step: int = Field(64, ge=8)
     no_upscale: bool = False  # small images get a smaller bucket instead of being enlarged
     min_side: int = Field(256, ge=1)

@@ -25,9 +25,9 @@ from .config import DataConfig
 from .control import ConditioningSource, conditioning_image, find_conditioning
 from .images import load_rgb, read_bytes
 from .masks import MaskConfig, make_mask, masked_image, variant_seed
-from .records import Manifest
+from .records import ImageRecord, Manifest
 from .store import ShardWriter, build_index, content_key, fingerprint, write_index
-from .transforms import apply, flipped, plan_crop, to_tensor
+from .transforms import CropPlan, apply, flipped, plan_crop, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +100,24 @@ def _text_key(caption: str, text_fp: str, cfg: DataConfig) -> str:
     return content_key("text", caption, text_fp, cfg.clip_skip, cfg.max_windows)
 
 
-def plan_cache(manifest: Manifest, cfg: DataConfig, vae_fp: str, text_fp: str) -> tuple[CachePlan, list[_ImageJob], list[str]]:
-    """Every entry the data needs, by key: the plan the trainer reads, the image jobs, the captions."""
+def bucket_config(cfg: DataConfig) -> BucketConfig:
     # the smallest bucket side is half the resolution (256 at 512 px), on the step grid
     min_bucket_side = max(cfg.bucket_step, cfg.resolution // 2 // cfg.bucket_step * cfg.bucket_step)
-    bucket_cfg = BucketConfig.from_resolution(
+    return BucketConfig.from_resolution(
         cfg.resolution, step=cfg.bucket_step, min_side=min_bucket_side, no_upscale=cfg.no_upscale, max_aspect=cfg.max_aspect
     )
-    buckets = bucket_cfg.buckets()
+
+
+def crop_plan(rec: ImageRecord, cfg: DataConfig, bucket_cfg: BucketConfig) -> CropPlan:
+    """The bucket and crop of a scanned picture (unflipped); the random crop depends on the picture
+    and the seed, not on its place in the dataset."""
+    w, h = assign_bucket(rec.width, rec.height, bucket_cfg.buckets(), no_upscale=cfg.no_upscale, step=cfg.bucket_step)
+    return plan_crop(rec.width, rec.height, w, h, mode=cfg.cache.crop, seed=f"{cfg.seed}/{rec.sha256}")
+
+
+def plan_cache(manifest: Manifest, cfg: DataConfig, vae_fp: str, text_fp: str) -> tuple[CachePlan, list[_ImageJob], list[str]]:
+    """Every entry the data needs, by key: the plan the trainer reads, the image jobs, the captions."""
+    bucket_cfg = bucket_config(cfg)
     cc = cfg.cache
     mask_cfg = MaskConfig(weights=cc.mask_weights)
     source = _control_source(cfg)
@@ -117,9 +127,8 @@ def plan_cache(manifest: Manifest, cfg: DataConfig, vae_fp: str, text_fp: str) -
         maps, _ = find_conditioning(source.folder, [Path(r.source).stem for r in manifest.records], strict=True)
     items, jobs, captions = [], [], {""}
     for r, rec in enumerate(manifest.records):
-        bucket = assign_bucket(rec.width, rec.height, buckets, no_upscale=cfg.no_upscale, step=cfg.bucket_step)
-        # the random crop depends on the picture and the seed, not on its place in the dataset
-        base = plan_crop(rec.width, rec.height, bucket[0], bucket[1], mode=cc.crop, seed=f"{cfg.seed}/{rec.sha256}")
+        base = crop_plan(rec, cfg, bucket_cfg)
+        bucket = (base.bucket_w, base.bucket_h)
         views = [base] + ([flipped(base)] if cc.flip else [])
         latent_keys, inpaint_keys, control_keys = [], [], []
         for view, plan in enumerate(views):

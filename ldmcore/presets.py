@@ -139,7 +139,43 @@ TINY = Preset(  # for tests: same layout as SD 1.5, a few hundred thousand param
     resolution=32,
 )
 
-PRESETS: dict[str, Preset] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY}
+TINY_WORLD = Preset(  # the tiny world's base (data_tools.synthetic): SD 1.5's layout, trained on a CPU in minutes
+    unet={
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [64, 128],
+        "layers_per_block": 1,
+        "in_channels": 4,
+        "out_channels": 4,
+        "norm_num_groups": 16,
+        "sample_size": 8,
+        "cross_attention_dim": 64,
+        "attention_head_dim": 4,
+    },
+    vae={
+        **_SD_VAE,
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [32, 64, 64],  # 32 px pictures -> 8x8 latents
+        "layers_per_block": 1,
+        "norm_num_groups": 16,
+        "sample_size": 32,
+    },
+    text_encoder={
+        "vocab_size": 1000,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 64,
+    },
+    scheduler=_SD_SCHEDULER,
+    resolution=32,
+)
+
+PRESETS: dict[str, Preset] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY, "tiny-world": TINY_WORLD}
 
 
 def get_preset(name: str) -> Preset:

@@ -250,11 +250,16 @@ class AutoencoderKL(ConfigModel):
         return self.decoder(z)
 
     def forward(
-        self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None
+        self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DiagonalGaussian]:
-        """Reconstruction of `x` from the posterior's mode (or a sample), and the posterior for the KL term."""
+        """Reconstruction of `x` from the posterior's mode, a sample, or mean + std * `noise` (the
+        caller's own draws), and the posterior for the KL term."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        if noise is not None:
+            z = posterior.mean + posterior.std * noise.to(posterior.mean)
+        else:
+            z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
