@@ -270,6 +270,7 @@ def train(config: Config) -> Path:
     if main:
         if ema is not None:
             ema.swap()
+            method.raw_weights = ema.shadow  # the swap left the raw weights there, in parameters() order
         method.export(output, _metadata(config, base_hash))
         if ema is not None:
             ema.swap()

@@ -1,0 +1,159 @@
+"""The full fine-tune: every U-Net weight trains; the VAE and the text encoder stay as they were.
+
+What it writes:
+- at the end, into output_dir: `model/`, a complete diffusers folder (the trained U-Net with the
+  base's VAE, text encoder, tokenizer and scheduler), and `model.safetensors`, the same model as one
+  original-layout file (A1111, ComfyUI, diffusers' from_single_file). With `train.ema_decay` the
+  U-Net in both is the EMA, as diffusers' own scripts publish it, and `model/unet_raw/` holds the
+  raw weights beside it (`UNet2DConditionModel.from_pretrained(".../model", subfolder="unet_raw")`).
+- into every checkpoint: `unet/`, a diffusers U-Net folder whose weights file is the checkpoint's
+  own `trained.safetensors` (a hard link: no second copy of a model-sized file), and
+  `training.json`. The complete export of a checkpoint is one command away:
+
+      python -m trainers.full output_dir/checkpoints/step_00001000 --out exported [--ema]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ldmcore.weights import check_state_dict
+
+from .method import Method
+
+TRAINED_FILE = "trained.safetensors"  # the loop's name for what trained_state_dict() returns
+INFO_FILE = "training.json"  # the run's metadata: base model, its hash, the whole config
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class FullMethod(Method):
+    name = "full"
+    #: set by the loop for the final export when the EMA is live: the raw weights, in parameters() order
+    raw_weights: list[torch.Tensor] | None = None
+
+    def build(self) -> None:
+        self.components.unet.requires_grad_(True)
+
+    # Checkpoints keep the U-Net under its diffusers names, so trained.safetensors is itself a
+    # diffusers U-Net weights file that a checkpoint's unet/ folder links to.
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.components.unet.named_parameters()}
+
+    def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.components.unet.named_parameters())
+        check_state_dict(params, state, "the checkpoint does not fit this run's U-Net",
+                         hint="was it written by another method, or for a U-Net of another shape?")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[k].to(p.device, p.dtype))
+
+    def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
+        folder = Path(folder)
+        info = folder / INFO_FILE
+        if (folder / TRAINED_FILE).is_file():  # a checkpoint: the weights are there already
+            written = [self._link_unet(folder), info]
+        else:
+            written = self._export_model(folder)
+            written.append(info)
+        info.write_text(json.dumps(metadata, indent=2) + "\n")
+        return written
+
+    def _export_model(self, folder: Path) -> list[Path]:
+        parts = self.components
+        parts.save_pretrained(folder / "model")
+        written = [folder / "model"]
+        if self.raw_weights is not None:
+            names = [k for k, p in parts.unet.named_parameters() if p.requires_grad]  # parameters() order
+            _save_unet_folder(folder / "model" / "unet_raw", parts.unet.config.to_dict(),
+                              dict(zip(names, self.raw_weights, strict=True)))
+        if self.config.full.single_file:
+            parts.save_single_file(folder / "model.safetensors")
+            written.append(folder / "model.safetensors")
+        return written
+
+    def _link_unet(self, folder: Path) -> Path:
+        unet = folder / "unet"
+        unet.mkdir(exist_ok=True)
+        (unet / "config.json").write_text(json.dumps(self.components.unet.config.to_dict(), indent=2) + "\n")
+        target = unet / UNET_WEIGHTS
+        target.unlink(missing_ok=True)
+        try:
+            os.link(folder / TRAINED_FILE, target)
+        except OSError:  # a file system without hard links: pay for the copy
+            _save_unet_folder(unet, self.components.unet.config.to_dict(), self.trained_state_dict())
+        return unet
+
+
+def _save_unet_folder(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> None:
+    """A diffusers U-Net folder (config.json + weights) from a state dict."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(folder / UNET_WEIGHTS),
+              metadata={"format": "pt"})
+
+
+# -- the complete export of a checkpoint -----------------------------------------------------------
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ema: bool = False) -> list[Path]:
+    """Write what the end of the run writes (model/ and model.safetensors) from a checkpoint, with
+    its raw weights or, with `ema`, its EMA (then model/unet_raw/ holds the raw ones)."""
+    from safetensors.torch import load_file
+
+    from ldmcore.checkpoints import load_components
+
+    from .config import Config
+    from .loop import make_method
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / INFO_FILE).is_file() or not (checkpoint / TRAINED_FILE).is_file():
+        raise FileNotFoundError(f"{checkpoint}: no {INFO_FILE} and {TRAINED_FILE}; pass a checkpoint folder "
+                                "(output_dir/checkpoints/step_XXXXXXXX) of a full or DreamBooth full run")
+    metadata = json.loads((checkpoint / INFO_FILE).read_text())
+    config = Config.model_validate(json.loads(metadata["ldm_tune.config"]))
+    m = config.model
+    parts = load_components(m.path, dtype=torch.float32, tokenizer=m.tokenizer, prediction_type=m.prediction_type)
+    method = make_method(config, parts)
+    if not isinstance(method, FullMethod):
+        raise ValueError(f"{checkpoint}: a {config.method} run that does not train the whole U-Net; "
+                         "LoRA checkpoints export with `python -m adapters export`")
+    method.build()
+    method.load_trained_state_dict(load_file(str(checkpoint / TRAINED_FILE)))
+    if ema:
+        if not (checkpoint / "ema.pt").is_file():
+            raise FileNotFoundError(f"{checkpoint}: no ema.pt; the run had no train.ema_decay, export without --ema")
+        params = method.parameters()
+        method.raw_weights = [p.detach().clone() for p in params]
+        shadow = torch.load(checkpoint / "ema.pt", weights_only=False)["shadow"]
+        with torch.no_grad():
+            for p, s in zip(params, shadow, strict=True):
+                p.copy_(s)
+    return method.export(out, metadata)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainers.full",
+                                     description="Export a full fine-tune's checkpoint as a diffusers folder and a single file.")
+    parser.add_argument("checkpoint", help="output_dir/checkpoints/step_XXXXXXXX")
+    parser.add_argument("--out", required=True, help="folder to write model/ and model.safetensors into")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights (model/unet_raw/ keeps the raw ones)")
+    args = parser.parse_args(argv)
+    try:
+        written = export_checkpoint(args.checkpoint, args.out, ema=args.ema)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
