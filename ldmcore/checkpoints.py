@@ -104,9 +104,12 @@ class Components:
             }
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    def save_single_file(
+        self, path: str | os.PathLike, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+    ) -> None:
         """Write an original-layout single .safetensors file (A1111, ComfyUI and diffusers'
-        from_single_file open it), atomically. Our own configs ride along in its metadata."""
+        from_single_file open it), atomically. Our own configs ride along in its metadata, beside
+        `metadata` (string keys and values, such as what a training run records)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -130,7 +133,7 @@ class Components:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
-        save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
+        save_file(state, str(tmp), metadata={**(metadata or {}), "format": "pt", METADATA_KEY: json.dumps(meta)})
         os.replace(tmp, path)
 
 
@@ -274,8 +277,14 @@ def _configs_from_folder(folder: Path, state: dict[str, torch.Tensor]) -> dict:
             raise CheckpointError(f"config={folder}: no {'/'.join(parts)}; pass a diffusers model folder")
         return json.loads(f.read_text())
 
+    unet = read("unet", "config.json")
+    conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.shape[1] != unet.get("in_channels", 4):
+        # an inpainting (9-channel) file read with its base model's folder: the file says how wide it is
+        log.info("%s: in_channels %s, as the checkpoint's conv_in has", folder, conv_in.shape[1])
+        unet = {**unet, "in_channels": conv_in.shape[1]}
     return {
-        "unet": read("unet", "config.json"),
+        "unet": unet,
         "vae": read("vae", "config.json"),
         "text_encoder": _text_config_dict_from(read("text_encoder", "config.json")),
         "scheduler": read("scheduler", "scheduler_config.json"),
