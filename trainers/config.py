@@ -104,11 +104,11 @@ class FullConfig(Strict):
 class InpaintConfig(Strict):
     """9-channel inpainting U-Net: noisy latent, mask and masked-image latent. Starts from an
     inpainting checkpoint, or widens a 4-channel U-Net's conv_in (new channels at zero); the whole
-    U-Net trains. Needs data.cache.inpaint_masks > 0."""
+    U-Net trains and exports as the full fine-tune does (the `full` section applies). Needs
+    data.cache.inpaint_masks > 0."""
     full_mask_share: float = Field(0.1, ge=0, le=1)  # samples trained with the whole image masked (plain generation)
     validation_image: Optional[str] = None  # a picture to inpaint at validation; None: full-mask (plain) samples
     validation_mask: Optional[str] = None  # its mask, white = repaint; set both or neither
-    single_file: bool = True  # also write model.safetensors in the original layout
 
     @model_validator(mode="after")
     def _image_and_mask_together(self):
@@ -118,10 +118,14 @@ class InpaintConfig(Strict):
 
 
 class ControlNetConfig(Strict):
-    """A ControlNet copied from the base U-Net's encoder; the U-Net stays frozen. Needs data.cache.control."""
-    conditioning_channels: int = Field(3, ge=1)
-    conditioning_embedding_channels: tuple[int, ...] = (16, 32, 96, 256)
-    conditioning_scale: float = 1.0  # scale of the residuals at validation
+    """A ControlNet copied from the base U-Net's encoder; the U-Net stays frozen. Needs data.cache.control
+    (canny, or folder with data.cache.control_dir). Exports controlnet/ (diffusers) and controlnet.safetensors
+    (the original layout)."""
+    # the conditioning-image encoder's widths; 2**(n-1) must equal the VAE's downscale (SD: 8, four widths)
+    conditioning_embedding_out_channels: list[int] = Field([16, 32, 96, 256], min_length=1)
+    init: Optional[str] = None  # a diffusers ControlNet folder to continue from, instead of copying the U-Net
+    conditioning_scale: float = 1.0  # scale of the residuals in validation samples
+    validation_image: Optional[str] = None  # control image for validation samples; default: a training image's map
 
 
 class VaeConfig(Strict):
