@@ -377,16 +377,42 @@ def test_two_processes_equal_one_with_twice_the_batch(world, whole, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
-def test_misconfiguration_is_refused_naming_the_key(world, tmp_path):
-    from data_tools.schema import ConfigError
+def make_method(world: Path, *overrides: str):
     from ldmcore.checkpoints import load_components
     from trainers.config import read_config
     from trainers.controlnet import ControlNetMethod
 
+    config = read_config(ROOT / "configs" / "tiny" / "controlnet.yaml",
+                         [f"model.path={world / 'model'}", f"data.path={world / 'data'}", *overrides])
+    return ControlNetMethod(config, load_components(world / "model"))
+
+
+def test_a_bf16_step_takes_accelerates_float32_outputs(world):
+    """Under mixed precision accelerate returns a prepared module's outputs in float32; the residuals
+    must still meet the frozen bfloat16 U-Net's skips (CPU kernels refuse mixed dtypes)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    m = make_method(world, "train.gradient_checkpointing=true")
+    m.build()
+    m.components.unet.to(torch.bfloat16)
+    cn = m.controlnet.train()
+    g = torch.Generator().manual_seed(0)
+    batch = {"mean": torch.randn(2, 4, 16, 16, generator=g), "std": torch.full((2, 4, 16, 16), 0.1),
+             "text": torch.randn(2, 77, 32, generator=g),
+             "control": torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)}
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = m.loss({"controlnet": convert_outputs_to_fp32(cn.forward)}, batch, torch.zeros(77, 32),
+                      [torch.Generator().manual_seed(i) for i in range(2)])
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert cn.controlnet_mid_block.weight.grad.abs().sum() > 0  # the zero convs get gradients first
+
+
+def test_misconfiguration_is_refused_naming_the_key(world, tmp_path):
+    from data_tools.schema import ConfigError
+
     def method(*overrides):
-        config = read_config(ROOT / "configs" / "tiny" / "controlnet.yaml",
-                             [f"model.path={world / 'model'}", f"data.path={world / 'data'}", *overrides])
-        return ControlNetMethod(config, load_components(world / "model"))
+        return make_method(world, *overrides)
 
     with pytest.raises(ConfigError, match="data.cache.control=canny"):
         method("data.cache.control=null")

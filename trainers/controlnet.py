@@ -75,7 +75,11 @@ class ControlNetMethod(Method):
         # uint8 pixels -> [0, 1], as diffusers' ControlNet pipelines feed control images
         cond = batch["control"].to(noisy_latents.device, torch.float32) / 255.0  # (b, 3, H, W)
         down, mid = models["controlnet"](noisy_latents, timesteps, text, cond)
-        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        # accelerate returns a prepared module's outputs in float32; the frozen U-Net's skips they are
+        # added to are in the mixed-precision dtype, and CPU ops refuse the mix
+        dtype = self.components.unet.dtype
+        return {"down_block_additional_residuals": [d.to(dtype) for d in down],
+                "mid_block_additional_residual": mid.to(dtype)}
 
     def generate(self, prompts, seed, **kwargs):
         cn = self.controlnet
