@@ -1,0 +1,303 @@
+"""The full U-Net fine-tune and DreamBooth through the real entry point on a tiny model: exports
+that diffusers reads back with the same outputs, EMA beside raw weights, exact resume, class images
+drawn by the base, the prior-preservation loss, and two processes against one."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_, rel_err
+from PIL import Image
+from safetensors.torch import load_file
+
+from ldmcore.checkpoints import Components, load_components
+from ldmcore.text import build_word_tokenizer
+from ldmcore.unet import UNet
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "a sks red green blue circle square on white black background".split()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models on a shared machine: threads only contend
+
+
+def _images(folder: Path, n: int, size: tuple[int, int], seed: int, captions: bool) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+        if captions:
+            (folder / f"p{i}.txt").write_text(f"a {WORDS[2 + i % 3]} circle")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base model with random weights, captioned images for the full fine-tune, uncaptioned
+    instance images for DreamBooth, and two ready class folders: square pictures (the instance
+    images' bucket) and wide ones (another bucket)."""
+    root = tmp_path_factory.mktemp("world")
+    parts = Components.from_preset("tiny", build_word_tokenizer(WORDS))
+    randomize_(parts.vae, seed=1, std=0.05)
+    randomize_(parts.unet, seed=2, std=0.05)
+    parts.save_pretrained(root / "model")
+    _images(root / "data", 4, (64, 64), seed=0, captions=True)
+    _images(root / "sks", 2, (64, 64), seed=1, captions=False)
+    _images(root / "class_square", 3, (64, 64), seed=2, captions=False)
+    _images(root / "class_wide", 3, (96, 48), seed=3, captions=False)
+    return root
+
+
+def run(world: Path, out: Path, method: str, *overrides: str, launcher=(), expect=0):
+    cmd = [*launcher] if launcher else [sys.executable, "-m", "trainers"]
+    cmd += [str(ROOT / "configs" / "tiny" / f"{method}.yaml"), f"model.path={world / 'model'}",
+            f"data.cache.dir={out}_cache", f"output_dir={out}"]
+    if method == "full":
+        cmd.append(f"data.path={world / 'data'}")
+    else:
+        cmd += [f"data.path={world / 'sks'}", f"data.class_path={world / 'class_square'}"]
+    cmd += overrides  # last: they win
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, env=ENV)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
+
+
+def _stop_after(out: Path, step: int):
+    """A launcher that SIGKILLs the trainer as soon as the checkpoint of `step` is complete."""
+    code = (
+        "import os, signal, subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-m', 'trainers', *sys.argv[1:]])\n"
+        f"mark = {str(out / 'checkpoints' / f'step_{step:08d}' / 'state.json')!r}\n"
+        "while p.poll() is None and not os.path.exists(mark):\n"
+        "    time.sleep(0.005)\n"
+        "p.send_signal(signal.SIGKILL); p.wait()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    return (sys.executable, "-c", code)
+
+
+def assert_resume_matches(world, tmp_path, method, *common):
+    run(world, tmp_path / "whole", method, *common)
+    run(world, tmp_path / "parts", method, *common, launcher=_stop_after(tmp_path / "parts", 2), expect=-signal.SIGKILL)
+    assert not (tmp_path / "parts" / "checkpoints" / "step_00000004").exists()  # really stopped half-way
+    run(world, tmp_path / "parts", method, *common, "train.resume=latest")
+    last = Path("checkpoints") / "step_00000004"
+    whole, parts = load_file(tmp_path / "whole" / last / "trained.safetensors"), load_file(
+        tmp_path / "parts" / last / "trained.safetensors")
+    assert whole.keys() == parts.keys()
+    for k in whole:
+        assert torch.equal(whole[k], parts[k]), k
+    return tmp_path / "whole"
+
+
+def unet_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([20, 850]), torch.randn(2, 77, 32, generator=g)
+
+
+# -- full fine-tune --------------------------------------------------------------------------------
+
+
+def test_full_run_exports_ema_and_raw_weights_that_diffusers_reads(world, tmp_path):
+    import diffusers
+
+    from trainers.full import main as export_main
+
+    out = tmp_path / "full"
+    run(world, out, "full", "train.max_steps=3", "train.checkpoint_every=3", "train.ema_decay=0.5",
+        "train.mixed_precision=bf16", "train.optimizer.name=adamw8bit", "train.gradient_checkpointing=true")
+    ckpt = out / "checkpoints" / "step_00000003"
+    raw = load_file(ckpt / "trained.safetensors")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in raw.values())
+    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=False)["state"]
+
+    def tensors(tree):  # bitsandbytes nests its quantised state in a dict of its own
+        for v in tree.values():
+            yield from tensors(v) if isinstance(v, dict) else ([v] if torch.is_tensor(v) else [])
+
+    assert any(t.dtype == torch.uint8 for s in opt_state.values() for t in tensors(s))  # 8-bit optimizer state
+
+    base = UNet.from_pretrained(world / "model" / "unet").state_dict()
+    assert raw.keys() == base.keys() and all(not torch.equal(raw[k], base[k]) for k in raw)  # every weight trained
+    ema = dict(zip([k for k, _ in UNet.from_pretrained(world / "model" / "unet").named_parameters()],
+                   torch.load(ckpt / "ema.pt", weights_only=False)["shadow"], strict=True))
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # the EMA lags
+
+    # model/unet holds the EMA, model/unet_raw the raw weights; diffusers computes what ldmcore does
+    ours = UNet.from_pretrained(world / "model" / "unet")
+    ours.load_state_dict(ema)
+    x, t, ctx = unet_inputs()
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out / "model", safety_checker=None)
+    raw_unet = diffusers.UNet2DConditionModel.from_pretrained(out / "model", subfolder="unet_raw")
+    ckpt_unet = diffusers.UNet2DConditionModel.from_pretrained(ckpt / "unet")
+    ours_raw = UNet.from_pretrained(world / "model" / "unet")
+    ours_raw.load_state_dict(raw)
+    with torch.no_grad():
+        expected, expected_raw = ours(x, t, ctx), ours_raw(x, t, ctx)
+        assert rel_err(pipe.unet(x, t, ctx).sample, expected) < 1e-5
+        assert rel_err(raw_unet(x, t, ctx).sample, expected_raw) < 1e-5
+        assert rel_err(ckpt_unet(x, t, ctx).sample, expected_raw) < 1e-5  # a checkpoint's unet/ is raw
+        assert rel_err(expected, expected_raw) > 1e-4
+    # ...without a second copy of the weights in the checkpoint
+    assert (ckpt / "unet" / "diffusion_pytorch_model.safetensors").stat().st_ino == (ckpt / "trained.safetensors").stat().st_ino
+
+    # the base's VAE and text encoder ride along unchanged; the single file holds the same model
+    folder, single = load_components(out / "model"), load_components(out / "model.safetensors")
+    base_parts = load_components(world / "model")
+    for name in ("vae", "text_encoder"):
+        for k, v in getattr(base_parts, name).state_dict().items():
+            assert torch.equal(getattr(folder, name).state_dict()[k], v), f"{name}.{k}"
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    from_single = diffusers.StableDiffusionPipeline.from_single_file(
+        str(out / "model.safetensors"), config=str(out / "model"), local_files_only=True, safety_checker=None)
+    with torch.no_grad():
+        assert rel_err(from_single.unet(x, t, ctx).sample, expected) < 1e-5
+
+    # the command that exports a checkpoint writes what the end of the run wrote
+    assert export_main([str(ckpt), "--out", str(tmp_path / "exported"), "--ema"]) == 0
+    for sub in ("unet", "unet_raw"):
+        a = load_file(out / "model" / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(tmp_path / "exported" / "model" / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+
+def test_full_resume_ends_with_the_same_weights(world, tmp_path):
+    whole = assert_resume_matches(world, tmp_path, "full", "train.max_steps=4", "train.checkpoint_every=2",
+                                  "train.gradient_accumulation_steps=2", "train.lr_scheduler=cosine",
+                                  "train.ema_decay=0.9", "loss.caption_dropout=0.3", "full.single_file=false")
+    assert (whole / "model" / "unet_raw").is_dir() and not (whole / "model.safetensors").exists()
+
+
+# -- DreamBooth ------------------------------------------------------------------------------------
+
+
+def _dreambooth(world, class_folder: str, **settings):
+    """An in-process DreamBoothMethod (full) with its dataset built, for checks of the loss."""
+    from data_tools.schema import load_config
+    from trainers.config import Config
+    from trainers.loop import make_method
+
+    out = world / f"inproc_{class_folder}"
+    overrides = [f"model.path={world / 'model'}", f"data.path={world / 'sks'}",
+                 f"data.class_path={world / class_folder}", f"data.cache.dir={out}_cache", f"output_dir={out}",
+                 "dreambooth.train=full", "dreambooth.num_class_images=3",
+                 *[f"dreambooth.{k}={v}" for k, v in settings.items()]]
+    config = load_config(Config, ROOT / "configs" / "tiny" / "dreambooth.yaml", overrides)
+    method = make_method(config, load_components(world / "model"))
+    dataset, keys = method.dataset(torch.device("cpu"), progress=False)
+    return method, dataset
+
+
+@pytest.mark.parametrize("class_folder", ["class_square", "class_wide"])
+def test_prior_loss_weight_weighs_the_class_samples(world, class_folder):
+    from trainers.dreambooth import class_seed
+    from trainers.loop import collate, sample_generators
+    from trainers.method import Method, diffusion_loss
+
+    method, dataset = _dreambooth(world, class_folder)
+    assert len(dataset) == 2 and not any(dataset[i]["is_class"] for i in range(2))  # the loop sees instances only
+    batch = collate([dataset[0], dataset[1]])
+    batch = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    empty = dataset.empty_text().float()
+    unet = method.components.unet
+
+    def gens():  # fresh generators: a loss consumes them
+        return sample_generators(0, 5, torch.tensor([0, 1]))
+
+    losses = {}
+    for w in (0.0, 1.0, 2.5):
+        method.config.dreambooth.prior_loss_weight = w
+        losses[w] = method.loss({"unet": unet}, dict(batch), empty, gens()).item()
+
+    # the reference: each sample's loss on its own, the class sample drawn from its instance's seed
+    plain = Method(method.config, method.components)
+
+    def one(item, g):
+        single = collate([item])
+        single = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in single.items()}
+        return diffusion_loss({"unet": unet}, plain, single, method.components, method.config, empty, [g]).item()
+
+    pool = sorted(i for p in method.class_items.values() for i in p)
+    instance, prior = [], []
+    for j, g in enumerate(gens()):
+        instance.append(one(dataset[j], g))
+        cg = torch.Generator().manual_seed(class_seed(g.initial_seed()))
+        item = method.cache[pool[int(torch.randint(len(pool), (), generator=cg))]]
+        assert item["is_class"]
+        prior.append(one(item, cg))
+    for w, got in losses.items():
+        expected = np.mean(instance) + w * np.mean(prior)
+        assert abs(got - expected) < 1e-5 * expected, (w, got, expected)
+    assert losses[2.5] - losses[0.0] > 0.1 * losses[0.0]  # the weight really moves the loss
+
+    marked = {"is_class": torch.tensor([False, True, True])}
+    assert method.sample_weights(marked).tolist() == [1.0, 2.5, 2.5]
+
+
+def test_dreambooth_lora_generates_class_images_with_the_base_and_two_processes_agree(world, tmp_path):
+    from data_tools.class_images import batch_seed, class_image_name
+    from ldmcore.pipeline import generate
+
+    common = ["train.max_steps=3", "train.checkpoint_every=3", "dreambooth.num_class_images=3",
+              "dreambooth.class_steps=3", "dreambooth.class_batch_size=2", "lora.text_encoder=true"]
+    one_classes, two_classes = tmp_path / "classes_one", tmp_path / "classes_two"
+    run(world, tmp_path / "one", "dreambooth", *common, "train.batch_size=2", f"data.class_path={one_classes}")
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_cpu_threads_per_process", "1", "-m", "trainers")
+    run(world, tmp_path / "two", "dreambooth", *common, "train.batch_size=1", f"data.class_path={two_classes}",
+        launcher=launcher)
+
+    # the folder was filled with the base model's pictures of the class prompt, from the run's seed
+    assert sorted(p.name for p in one_classes.iterdir()) == [class_image_name(i) for i in range(3)]
+    base = load_components(world / "model")
+    drawn = generate(base, ["a circle"] * 2, seed=batch_seed(0, 0), steps=3) + generate(
+        base, ["a circle"] * 2, seed=batch_seed(0, 1), steps=3)
+    for i in range(3):
+        for folder in (one_classes, two_classes):  # under accelerate only the main process drew them
+            got = np.asarray(Image.open(folder / class_image_name(i)), dtype=np.int16)
+            assert np.abs(got - np.asarray(drawn[i], dtype=np.int16)).max() <= 1, (folder, i)
+
+    for out in (tmp_path / "one", tmp_path / "two"):  # a DreamBooth LoRA exports as LoRA does
+        assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
+    a = load_file(tmp_path / "one" / "checkpoints" / "step_00000003" / "trained.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoints" / "step_00000003" / "trained.safetensors")
+    assert any(k.startswith("text_encoder.") for k in a)
+    for k in a:  # the same class samples were drawn whichever process held their instance
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_dreambooth_full_resumes_exactly_and_exports_the_model(world, tmp_path):
+    whole = assert_resume_matches(world, tmp_path, "dreambooth", "dreambooth.train=full", "train.max_steps=4",
+                                  "train.checkpoint_every=2", "dreambooth.num_class_images=3",
+                                  "dreambooth.prior_loss_weight=0.7", "train.learning_rate=1e-4")
+    assert (whole / "model" / "model_index.json").is_file() and (whole / "model.safetensors").is_file()
+    assert not (whole / "pytorch_lora_weights.safetensors").exists()
+    assert UNet.from_pretrained(whole / "model" / "unet").state_dict().keys() == load_file(
+        whole / "checkpoints" / "step_00000004" / "trained.safetensors").keys()
+
+
+def test_misconfigured_prior_preservation_names_the_key(world, tmp_path):
+    from data_tools.schema import ConfigError, load_config
+    from trainers.config import Config
+    from trainers.dreambooth import check_config
+
+    proc = run(world, tmp_path / "x", "dreambooth", "data.class_prompt=null", expect=2)
+    assert "set data.class_prompt" in proc.stderr and "Traceback" not in proc.stderr
+
+    def config(*overrides):
+        return load_config(Config, ROOT / "configs" / "tiny" / "dreambooth.yaml", ["output_dir=x", *overrides])
+
+    cases = {
+        ("data.class_path=null",): "set data.class_path",
+        ("data.instance_prompt=null",): "set data.instance_prompt",
+        ("dreambooth.prior_preservation=false",): "data.class_path=null",
+        ("dreambooth.train=full", "lora.text_encoder=true"): "dreambooth.train=lora",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            check_config(config(*overrides))
+    check_config(config("dreambooth.prior_preservation=false", "data.class_path=null", "data.class_prompt=null"))
