@@ -104,12 +104,9 @@ class Components:
             }
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    def save_single_file(
-        self, path: str | os.PathLike, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
-    ) -> None:
+    def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write an original-layout single .safetensors file (A1111, ComfyUI and diffusers'
-        from_single_file open it), atomically. Our own configs ride along in its metadata, beside
-        `metadata` (string keys and values, such as what a training run records)."""
+        from_single_file open it), atomically. Our own configs ride along in its metadata."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -133,7 +130,7 @@ class Components:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
-        save_file(state, str(tmp), metadata={**(metadata or {}), "format": "pt", METADATA_KEY: json.dumps(meta)})
+        save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
         os.replace(tmp, path)
 
 

@@ -74,7 +74,7 @@ def test_widening_keeps_the_output_and_saves_as_nine_channels(tmp_path):
         widen_conv_in(unet)
         after = unet(x, t, ctx)  # mask and masked latent hold random values: their weights are zero
     assert unet.config.in_channels == 9 and unet.conv_in.weight.shape[1] == 9
-    assert rel_err(after, before) < 1e-6
+    assert torch.equal(after, before)  # the zero weights add exact zeros
     with torch.no_grad():
         unet.conv_in.weight[:, 4:] = 0.1  # once the new weights move, the extra channels count
         assert rel_err(unet(x, t, ctx), before) > 1e-3
@@ -172,6 +172,8 @@ def test_full_masks_give_what_the_cache_holds_for_a_full_mask(world, tmp_path):
 def test_two_processes_train_and_export_what_diffusers_loads(world, tmp_path):
     import diffusers
 
+    from trainers.full import export_checkpoint
+
     out = tmp_path / "run"
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_cpu_threads_per_process", "1", "-m", "trainers")
@@ -179,42 +181,45 @@ def test_two_processes_train_and_export_what_diffusers_loads(world, tmp_path):
         "validation.steps=2", launcher=launcher)
     ckpt = out / "checkpoints" / "step_00000002"
     assert (ckpt / "rng_1.pt").is_file() and (out / "samples" / "step_00000002.png").is_file()
-    assert (ckpt / "inpaint_model" / "model_index.json").is_file() and (ckpt / "model.safetensors").is_file()
 
     # our U-Net: the base, widened, with the checkpoint's trained weights
     ours = load_components(world / "base").unet
     widen_conv_in(ours)
-    trained = {k.removeprefix("unet."): v for k, v in load_file(ckpt / "trained.safetensors").items()}
+    trained = load_file(ckpt / "trained.safetensors")
     ours.load_state_dict(trained)
     assert trained["conv_in.weight"][:, 4:].abs().max() > 0  # the new channels learned something
     x, t, ctx = unet_inputs(size=16)
     with torch.no_grad():
         expected = ours(x, t, ctx)
-        folder = diffusers.UNet2DConditionModel.from_pretrained(out / "inpaint_model" / "unet")
-        assert folder.config.in_channels == 9
-        assert rel_err(folder(x, t, ctx).sample, expected) < 1e-5
+        for folder in (out / "model" / "unet", ckpt / "unet"):  # the run's export, the checkpoint's U-Net
+            theirs = diffusers.UNet2DConditionModel.from_pretrained(folder)
+            assert theirs.config.in_channels == 9
+            assert rel_err(theirs(x, t, ctx).sample, expected) < 1e-5, folder
         pipe = diffusers.StableDiffusionInpaintPipeline.from_single_file(
-            str(out / "model.safetensors"), config=str(out / "inpaint_model"), local_files_only=True,
+            str(out / "model.safetensors"), config=str(out / "model"), local_files_only=True,
             safety_checker=None, requires_safety_checker=False)
         assert rel_err(pipe.unet(x, t, ctx).sample, expected) < 1e-5
-        ours_from_file = load_components(out / "model.safetensors", tokenizer=out / "inpaint_model" / "tokenizer").unet
+        ours_from_file = load_components(out / "model.safetensors", tokenizer=out / "model" / "tokenizer").unet
         assert rel_err(ours_from_file(x, t, ctx), expected) < 1e-6
-    meta = __import__("safetensors").safe_open(str(out / "model.safetensors"), "pt").metadata()
-    assert meta["ldm_tune.method"] == "inpaint"
-    assert diffusers.StableDiffusionInpaintPipeline.from_pretrained(out / "inpaint_model").unet.config.in_channels == 9
+        assert isinstance(diffusers.DiffusionPipeline.from_pretrained(out / "model"),
+                          diffusers.StableDiffusionInpaintPipeline)
+        # a checkpoint exports to the complete model too (the full fine-tune's command)
+        export_checkpoint(ckpt, tmp_path / "exported")
+        again = load_components(tmp_path / "exported" / "model").unet
+        assert rel_err(again(x, t, ctx), expected) < 1e-6
 
 
 def test_resume_from_an_inpainting_single_file_ends_with_the_same_weights(world, tmp_path):
-    common = ["train.max_steps=4", "train.checkpoint_every=2", f"model.path={world / 'inpainting.safetensors'}",
+    common = ["train.max_steps=2", "train.checkpoint_every=1", f"model.path={world / 'inpainting.safetensors'}",
               f"model.tokenizer={world / 'base' / 'tokenizer'}", "inpaint.full_mask_share=0.5",
-              "loss.caption_dropout=0.3", "inpaint.single_file=false"]
+              "loss.caption_dropout=0.3", "full.single_file=false"]
     run(world, tmp_path / "whole", *common)
     run(world, tmp_path / "parts", *common, launcher=_stop_after_first_checkpoint(tmp_path / "parts"),
         expect=-signal.SIGKILL)
-    assert not (tmp_path / "parts" / "checkpoints" / "step_00000004").exists()  # really stopped half-way
+    assert not (tmp_path / "parts" / "checkpoints" / "step_00000002").exists()  # really stopped half-way
     run(world, tmp_path / "parts", *common, "train.resume=latest")
-    whole = load_file(tmp_path / "whole" / "checkpoints" / "step_00000004" / "trained.safetensors")
-    parts = load_file(tmp_path / "parts" / "checkpoints" / "step_00000004" / "trained.safetensors")
+    whole = load_file(tmp_path / "whole" / "checkpoints" / "step_00000002" / "trained.safetensors")
+    parts = load_file(tmp_path / "parts" / "checkpoints" / "step_00000002" / "trained.safetensors")
     assert sorted(whole) == sorted(parts) and len(whole) == len(load_components(world / "base").unet.state_dict())
     for k in whole:
         assert torch.equal(whole[k], parts[k]), k
@@ -222,11 +227,11 @@ def test_resume_from_an_inpainting_single_file_ends_with_the_same_weights(world,
 
 
 def _stop_after_first_checkpoint(out: Path):
-    """A launcher that runs the trainer and SIGKILLs it as soon as the step-2 checkpoint is complete."""
+    """A launcher that runs the trainer and SIGKILLs it as soon as the step-1 checkpoint is complete."""
     code = (
         "import os, signal, subprocess, sys, time\n"
         "p = subprocess.Popen([sys.executable, '-m', 'trainers', *sys.argv[1:]])\n"
-        f"mark = {str(out / 'checkpoints' / 'step_00000002' / 'state.json')!r}\n"
+        f"mark = {str(out / 'checkpoints' / 'step_00000001' / 'state.json')!r}\n"
         "while p.poll() is None and not os.path.exists(mark):\n"
         "    time.sleep(0.005)\n"
         "p.send_signal(signal.SIGKILL); p.wait()\n"
@@ -235,8 +240,12 @@ def _stop_after_first_checkpoint(out: Path):
     return (sys.executable, "-c", code)
 
 
-def test_missing_masks_and_half_a_validation_pair_name_the_key(world, tmp_path):
-    proc = run(world, tmp_path / "x", "data.cache.inpaint_masks=0", expect=2)
-    assert "data.cache.inpaint_masks" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run(world, tmp_path / "x", f"inpaint.validation_image={world / 'data' / 'p0.png'}", expect=2)
-    assert "inpaint.validation_mask" in proc.stderr and "Traceback" not in proc.stderr
+def test_missing_masks_and_half_a_validation_pair_name_the_key(world, tmp_path, capsys):
+    from trainers.__main__ import main  # in process: both fail before any training
+
+    common = [str(ROOT / "configs" / "tiny" / "inpaint.yaml"), f"model.path={world / 'base'}",
+              f"data.path={world / 'data'}", f"output_dir={tmp_path / 'x'}"]
+    assert main([*common, "data.cache.inpaint_masks=0"]) == 2
+    assert "set it to the number of mask variants" in capsys.readouterr().err
+    assert main([*common, f"inpaint.validation_image={world / 'data' / 'p0.png'}"]) == 2
+    assert "set both inpaint.validation_image and inpaint.validation_mask" in capsys.readouterr().err

@@ -6,6 +6,10 @@ from the precompute cache (data.cache.inpaint_masks variants per image); a share
 (inpaint.full_mask_share, drawn from each sample's generator) sees the whole image masked instead,
 so the model keeps plain text-to-image generation. The VAE runs once per bucket size at start, for
 that blank latent, and never in a step.
+
+Everything else is the full fine-tune's (trainers/full.py): the whole U-Net trains, checkpoints keep
+it under diffusers names, and the export is model/ (a diffusers folder that
+StableDiffusionInpaintPipeline loads) and model.safetensors (full.single_file), the original layout.
 """
 from __future__ import annotations
 
@@ -17,13 +21,10 @@ from PIL import Image
 from data_tools.schema import ConfigError
 from ldmcore.inpaint import INPAINT_CHANNELS, LATENT_CHANNELS, inpainting_input, widen_conv_in
 
-from .method import Method
-
-DIFFUSERS_FOLDER = "inpaint_model"  # StableDiffusionInpaintPipeline.from_pretrained reads it
-SINGLE_FILE = "model.safetensors"  # the original layout: A1111, ComfyUI, diffusers' from_single_file
+from .full import FullMethod
 
 
-class InpaintMethod(Method):
+class InpaintMethod(FullMethod):
     name = "inpaint"
 
     def __init__(self, config, components):
@@ -47,7 +48,7 @@ class InpaintMethod(Method):
 
     def build(self) -> None:
         widen_conv_in(self.components.unet)  # no-op for an inpainting checkpoint
-        self.components.unet.requires_grad_(True)
+        super().build()
 
     # -- data ------------------------------------------------------------------------------------
 
@@ -82,7 +83,7 @@ class InpaintMethod(Method):
         masked_latents = self.components.vae.scale(masked_mean)
         return {"sample": inpainting_input(noisy_latents, mask, masked_latents)}  # (b, 9, h, w)
 
-    # -- validation and export -------------------------------------------------------------------
+    # -- validation -------------------------------------------------------------------------------
 
     def generate(self, prompts, seed, **kwargs):
         """Inpaint inpaint.validation_image under inpaint.validation_mask; without them, plain samples
@@ -96,12 +97,3 @@ class InpaintMethod(Method):
             side = self.config.data.resolution
             image, mask = Image.new("RGB", (side, side), (127, 127, 127)), Image.new("L", (side, side), 255)
         return inpaint(self.components, prompts, image, mask, seed=seed, **kwargs)
-
-    def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
-        parts = self.components
-        parts.save_pretrained(folder / DIFFUSERS_FOLDER)
-        written = [folder / DIFFUSERS_FOLDER]
-        if self.config.inpaint.single_file:
-            parts.save_single_file(folder / SINGLE_FILE, metadata=metadata)
-            written.append(folder / SINGLE_FILE)
-        return written
