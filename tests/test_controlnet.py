@@ -307,7 +307,9 @@ COMMON = ("train.max_steps=4", "train.checkpoint_every=2", "train.batch_size=4",
 def whole(world, tmp_path_factory):
     """One uninterrupted run with validation samples; the other training tests compare against it."""
     out = tmp_path_factory.mktemp("cnrun") / "whole"
-    run(world, out, *COMMON, "validation.prompts=[a red circle]", "validation.steps=2")
+    edge_picture(9, 32).save(world / "validation_control.png")
+    run(world, out, *COMMON, "validation.prompts=[a red circle]", "validation.steps=2",
+        f"controlnet.validation_image={world / 'validation_control.png'}")
     return out
 
 
@@ -320,7 +322,7 @@ def test_a_run_trains_the_controlnet_and_exports_it(world, whole):
     assert first.keys() == last.keys() and all(k.startswith("controlnet.") for k in first)
     assert any(not torch.equal(first[k], last[k]) for k in first)  # the weights moved
     assert last["controlnet.controlnet_mid_block.weight"].abs().sum() > 0  # the zero convs left zero
-    assert (whole / "samples" / "step_00000004.png").is_file()
+    assert Image.open(whole / "samples" / "step_00000004.png").size == (32, 32)  # the validation image's size
     assert sorted(p.name for p in (whole / "controlnet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
     ours = ControlNet.from_pretrained(whole / "controlnet")
