@@ -413,22 +413,19 @@ def test_a_bf16_step_takes_accelerates_float32_outputs(world):
 def test_misconfiguration_is_refused_naming_the_key(world, tmp_path):
     from data_tools.schema import ConfigError
 
-    def method(*overrides):
-        return make_method(world, *overrides)
-
     with pytest.raises(ConfigError, match="data.cache.control=canny"):
-        method("data.cache.control=null")
+        make_method(world, "data.cache.control=null")
     with pytest.raises(ConfigError, match="controlnet.conditioning_embedding_out_channels=.*give 3 widths"):
-        method("controlnet.conditioning_embedding_out_channels=[16, 32, 96, 256]").build()
+        make_method(world, "controlnet.conditioning_embedding_out_channels=[16, 32, 96, 256]").build()
     # init: continue from a saved ControlNet instead of copying the U-Net
-    m = method()
+    m = make_method(world)
     m.build()
     randomize_(m.controlnet, seed=4).save_pretrained(tmp_path / "cn")
-    resumed = method(f"controlnet.init={tmp_path / 'cn'}")
+    resumed = make_method(world, f"controlnet.init={tmp_path / 'cn'}")
     resumed.build()
     assert all(torch.equal(resumed.controlnet.state_dict()[k], v) for k, v in m.controlnet.state_dict().items())
     assert all(p.requires_grad for p in resumed.controlnet.parameters())
     other = ControlNet.from_unet(UNet.from_config(dict(SD1_LIKE)), conditioning_embedding_out_channels=(8, 16, 32))
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ConfigError, match="does not fit model.path's U-Net: .*layers_per_block"):
-        method(f"controlnet.init={tmp_path / 'other'}").build()
+        make_method(world, f"controlnet.init={tmp_path / 'other'}").build()
