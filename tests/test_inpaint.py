@@ -82,6 +82,20 @@ def test_widening_keeps_the_output_and_saves_as_nine_channels(tmp_path):
     assert load_components(tmp_path / "model").unet.conv_in.weight.shape[1] == 9
 
 
+def test_an_inpainting_single_file_loads_with_its_base_models_folder(world, tmp_path):
+    """Other tools' 9-channel files carry no configs; read with a 4-channel base folder as config,
+    the file's conv_in says how wide the U-Net is."""
+    from safetensors.torch import save_file
+
+    state = load_file(world / "inpainting.safetensors")
+    save_file(state, tmp_path / "foreign.safetensors")  # without our metadata
+    parts = load_components(tmp_path / "foreign.safetensors", config=world / "base", tokenizer=world / "base" / "tokenizer")
+    assert parts.unet.config.in_channels == 9
+    ours = load_components(world / "inpainting.safetensors", tokenizer=world / "base" / "tokenizer")
+    for k, v in ours.unet.state_dict().items():
+        assert torch.equal(parts.unet.state_dict()[k], v), k
+
+
 # -- the sampler ----------------------------------------------------------------------------------
 
 
