@@ -49,7 +49,7 @@ def world(tmp_path_factory):
     return root
 
 
-def run(world: Path, out: Path, method: str, *overrides: str, launcher=(), expect=0):
+def start(world: Path, out: Path, method: str, *overrides: str, launcher=()) -> subprocess.Popen:
     cmd = [*launcher] if launcher else [sys.executable, "-m", "trainers"]
     cmd += [str(ROOT / "configs" / "tiny" / f"{method}.yaml"), f"model.path={world / 'model'}",
             f"data.cache.dir={out}_cache", f"output_dir={out}"]
@@ -58,9 +58,17 @@ def run(world: Path, out: Path, method: str, *overrides: str, launcher=(), expec
     else:
         cmd += [f"data.path={world / 'sks'}", f"data.class_path={world / 'class_square'}"]
     cmd += overrides  # last: they win
-    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, env=ENV)
-    assert proc.returncode == expect, proc.stderr[-3000:]
-    return proc
+    return subprocess.Popen(cmd, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def finish(proc: subprocess.Popen, expect=0) -> str:
+    _, stderr = proc.communicate()
+    assert proc.returncode == expect, stderr[-3000:]
+    return stderr
+
+
+def run(world: Path, out: Path, method: str, *overrides: str, launcher=(), expect=0) -> str:
+    return finish(start(world, out, method, *overrides, launcher=launcher), expect)
 
 
 def _stop_after(out: Path, step: int):
@@ -77,11 +85,20 @@ def _stop_after(out: Path, step: int):
     return (sys.executable, "-c", code)
 
 
-def assert_resume_matches(world, tmp_path, method, *common):
-    run(world, tmp_path / "whole", method, *common)
-    run(world, tmp_path / "parts", method, *common, launcher=_stop_after(tmp_path / "parts", 2), expect=-signal.SIGKILL)
+def assert_resume_matches(world, tmp_path, method, *common, fresh_class_folders=False) -> Path:
+    """An uninterrupted run ("whole") and one killed after its step-2 checkpoint and resumed ("parts")
+    end with the same trained weights at step 4. With `fresh_class_folders` each draws its own class
+    images into an empty folder."""
+    def own(name):
+        return [f"data.class_path={tmp_path / name}_classes"] if fresh_class_folders else []
+
+    whole = start(world, tmp_path / "whole", method, *common, *own("whole"))  # the two side by side
+    stopped = start(world, tmp_path / "parts", method, *common, *own("parts"),
+                    launcher=_stop_after(tmp_path / "parts", 2))
+    finish(whole)
+    finish(stopped, expect=-signal.SIGKILL)
     assert not (tmp_path / "parts" / "checkpoints" / "step_00000004").exists()  # really stopped half-way
-    run(world, tmp_path / "parts", method, *common, "train.resume=latest")
+    run(world, tmp_path / "parts", method, *common, *own("parts"), "train.resume=latest")
     last = Path("checkpoints") / "step_00000004"
     whole, parts = load_file(tmp_path / "whole" / last / "trained.safetensors"), load_file(
         tmp_path / "parts" / last / "trained.safetensors")
@@ -99,15 +116,16 @@ def unet_inputs(seed=0):
 # -- full fine-tune --------------------------------------------------------------------------------
 
 
-def test_full_run_exports_ema_and_raw_weights_that_diffusers_reads(world, tmp_path):
+def test_full_run_resumes_exactly_and_exports_ema_and_raw_weights_that_diffusers_reads(world, tmp_path):
     import diffusers
 
     from trainers.full import main as export_main
 
-    out = tmp_path / "full"
-    run(world, out, "full", "train.max_steps=3", "train.checkpoint_every=3", "train.ema_decay=0.5",
-        "train.mixed_precision=bf16", "train.optimizer.name=adamw8bit", "train.gradient_checkpointing=true")
-    ckpt = out / "checkpoints" / "step_00000003"
+    out = assert_resume_matches(world, tmp_path, "full", "train.max_steps=4", "train.checkpoint_every=2",
+                                "train.gradient_accumulation_steps=2", "train.lr_scheduler=cosine",
+                                "train.ema_decay=0.5", "loss.caption_dropout=0.3", "train.mixed_precision=bf16",
+                                "train.optimizer.name=adamw8bit", "train.gradient_checkpointing=true")
+    ckpt = out / "checkpoints" / "step_00000004"
     raw = load_file(ckpt / "trained.safetensors")
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in raw.values())
     opt_state = torch.load(ckpt / "optimizer.pt", weights_only=False)["state"]
@@ -156,20 +174,14 @@ def test_full_run_exports_ema_and_raw_weights_that_diffusers_reads(world, tmp_pa
     with torch.no_grad():
         assert rel_err(from_single.unet(x, t, ctx).sample, expected) < 1e-5
 
-    # the command that exports a checkpoint writes what the end of the run wrote
+    # the command that exports a checkpoint writes what the end of the run wrote, as did the resumed run
     assert export_main([str(ckpt), "--out", str(tmp_path / "exported"), "--ema"]) == 0
-    for sub in ("unet", "unet_raw"):
-        a = load_file(out / "model" / sub / "diffusion_pytorch_model.safetensors")
-        b = load_file(tmp_path / "exported" / "model" / sub / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    for other in (tmp_path / "exported", tmp_path / "parts"):
+        for sub in ("unet", "unet_raw"):
+            a = load_file(out / "model" / sub / "diffusion_pytorch_model.safetensors")
+            b = load_file(other / "model" / sub / "diffusion_pytorch_model.safetensors")
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (other, sub)
     assert (tmp_path / "exported" / "model.safetensors").is_file()
-
-
-def test_full_resume_ends_with_the_same_weights(world, tmp_path):
-    whole = assert_resume_matches(world, tmp_path, "full", "train.max_steps=4", "train.checkpoint_every=2",
-                                  "train.gradient_accumulation_steps=2", "train.lr_scheduler=cosine",
-                                  "train.ema_decay=0.9", "loss.caption_dropout=0.3", "full.single_file=false")
-    assert (whole / "model" / "unet_raw").is_dir() and not (whole / "model.safetensors").exists()
 
 
 # -- DreamBooth ------------------------------------------------------------------------------------
@@ -238,60 +250,58 @@ def test_prior_loss_weight_weighs_the_class_samples(world, class_folder):
     assert method.sample_weights(marked).tolist() == [1.0, 2.5, 2.5]
 
 
-def test_dreambooth_lora_generates_class_images_with_the_base_and_two_processes_agree(world, tmp_path):
+def test_dreambooth_lora_draws_class_images_with_the_base_and_resumes_exactly(world, tmp_path):
     from data_tools.class_images import batch_seed, class_image_name
     from ldmcore.pipeline import generate
 
-    common = ["train.max_steps=3", "train.checkpoint_every=3", "dreambooth.num_class_images=3",
-              "dreambooth.class_steps=3", "dreambooth.class_batch_size=2", "lora.text_encoder=true"]
-    one_classes, two_classes = tmp_path / "classes_one", tmp_path / "classes_two"
-    run(world, tmp_path / "one", "dreambooth", *common, "train.batch_size=2", f"data.class_path={one_classes}")
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_cpu_threads_per_process", "1", "-m", "trainers")
-    run(world, tmp_path / "two", "dreambooth", *common, "train.batch_size=1", f"data.class_path={two_classes}",
-        launcher=launcher)
-
-    # the folder was filled with the base model's pictures of the class prompt, from the run's seed
-    assert sorted(p.name for p in one_classes.iterdir()) == [class_image_name(i) for i in range(3)]
+    whole = assert_resume_matches(world, tmp_path, "dreambooth", "train.max_steps=4", "train.checkpoint_every=2",
+                                  "dreambooth.num_class_images=3", "dreambooth.class_steps=3",
+                                  "dreambooth.class_batch_size=2", "lora.text_encoder=true",
+                                  "dreambooth.prior_loss_weight=0.7", fresh_class_folders=True)
+    # the empty class folders were filled with the base model's pictures of the class prompt, seeded by train.seed
     base = load_components(world / "model")
-    drawn = generate(base, ["a circle"] * 2, seed=batch_seed(0, 0), steps=3) + generate(
-        base, ["a circle"] * 2, seed=batch_seed(0, 1), steps=3)
-    for i in range(3):
-        for folder in (one_classes, two_classes):  # under accelerate only the main process drew them
+    drawn = [im for batch in (0, 1) for im in generate(base, ["a circle"] * 2, seed=batch_seed(0, batch), steps=3)]
+    for folder in (tmp_path / "whole_classes", tmp_path / "parts_classes"):
+        assert sorted(p.name for p in folder.iterdir()) == [class_image_name(i) for i in range(3)]
+        for i in range(3):
             got = np.asarray(Image.open(folder / class_image_name(i)), dtype=np.int16)
             assert np.abs(got - np.asarray(drawn[i], dtype=np.int16)).max() <= 1, (folder, i)
+    # a DreamBooth LoRA exports as LoRA does, text encoder included
+    from adapters.lora import load_lora_file
 
-    for out in (tmp_path / "one", tmp_path / "two"):  # a DreamBooth LoRA exports as LoRA does
-        assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
-    a = load_file(tmp_path / "one" / "checkpoints" / "step_00000003" / "trained.safetensors")
-    b = load_file(tmp_path / "two" / "checkpoints" / "step_00000003" / "trained.safetensors")
-    assert any(k.startswith("text_encoder.") for k in a)
-    for k in a:  # the same class samples were drawn whichever process held their instance
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        unet_sd, text_sd, meta = load_lora_file(whole / name)
+        assert unet_sd and text_sd and meta["user"]["ldm_tune.method"] == "dreambooth", name
 
 
-def test_dreambooth_full_resumes_exactly_and_exports_the_model(world, tmp_path):
-    whole = assert_resume_matches(world, tmp_path, "dreambooth", "dreambooth.train=full", "train.max_steps=4",
-                                  "train.checkpoint_every=2", "dreambooth.num_class_images=3",
-                                  "dreambooth.prior_loss_weight=0.7", "train.learning_rate=1e-4")
-    assert (whole / "model" / "model_index.json").is_file() and (whole / "model.safetensors").is_file()
-    assert not (whole / "pytorch_lora_weights.safetensors").exists()
-    assert UNet.from_pretrained(whole / "model" / "unet").state_dict().keys() == load_file(
-        whole / "checkpoints" / "step_00000004" / "trained.safetensors").keys()
+def test_dreambooth_full_under_two_processes_draws_class_images_once_and_exports_the_model(world, tmp_path):
+    from data_tools.class_images import class_image_name
+
+    out, classes = tmp_path / "two", tmp_path / "classes"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_cpu_threads_per_process", "1", "-m", "trainers")
+    run(world, out, "dreambooth", "dreambooth.train=full", "train.max_steps=2", "train.checkpoint_every=2",
+        "train.batch_size=1", "dreambooth.num_class_images=3", "dreambooth.class_steps=3",
+        "dreambooth.class_batch_size=2", f"data.class_path={classes}", launcher=launcher)
+    assert (out / "checkpoints" / "step_00000002" / "rng_1.pt").is_file()  # two ranks trained
+    assert sorted(p.name for p in classes.iterdir()) == [class_image_name(i) for i in range(3)]  # no stray .partial
+    assert (out / "model" / "model_index.json").is_file() and (out / "model.safetensors").is_file()
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    trained = load_file(out / "checkpoints" / "step_00000002" / "trained.safetensors")
+    exported = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")  # no EMA: the raw weights
+    assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
 
 
-def test_misconfigured_prior_preservation_names_the_key(world, tmp_path):
+def test_misconfigured_prior_preservation_names_the_key():
     from data_tools.schema import ConfigError, load_config
     from trainers.config import Config
     from trainers.dreambooth import check_config
-
-    proc = run(world, tmp_path / "x", "dreambooth", "data.class_prompt=null", expect=2)
-    assert "set data.class_prompt" in proc.stderr and "Traceback" not in proc.stderr
 
     def config(*overrides):
         return load_config(Config, ROOT / "configs" / "tiny" / "dreambooth.yaml", ["output_dir=x", *overrides])
 
     cases = {
+        ("data.class_prompt=null",): "set data.class_prompt",
         ("data.class_path=null",): "set data.class_path",
         ("data.instance_prompt=null",): "set data.instance_prompt",
         ("dreambooth.prior_preservation=false",): "data.class_path=null",
