@@ -85,19 +85,23 @@ class ValidationConfig(Strict):
 
 class DreamBoothConfig(Strict):
     """Instance images (data.path, data.instance_prompt with the trigger word) trained together with
-    class images (data.class_path, data.class_prompt) that keep the class from drifting."""
+    class images (data.class_path, data.class_prompt) that keep the class from drifting: every
+    instance sample is paired with one class sample, and the loss is the instance mean plus
+    prior_loss_weight times the class mean."""
     train: Literal["lora", "full"] = "lora"  # what trains: a LoRA (the `lora` section) or the whole U-Net
-    prior_preservation: bool = True
+    prior_preservation: bool = True  # false: instance images only (then leave data.class_path unset)
     prior_loss_weight: float = Field(1.0, ge=0)
-    num_class_images: int = Field(100, ge=0)  # generated with the base when data.class_path has fewer
+    num_class_images: int = Field(100, ge=0)  # the base draws the rest when data.class_path has fewer
     class_steps: int = Field(25, ge=1)  # sampling steps for generated class images
     class_guidance_scale: float = 7.5
-    class_batch_size: int = Field(4, ge=1)
+    class_batch_size: int = Field(4, ge=1)  # with train.seed, fixes which picture each index gets
 
 
 class FullConfig(Strict):
     """Every U-Net weight trains (use train.optimizer.name: adamw8bit and gradient checkpointing to
-    fit memory); the result is exported as a diffusers folder and a single file."""
+    fit memory). The end of the run writes model/ (diffusers; with train.ema_decay its unet/ is the
+    EMA and unet_raw/ the raw weights) and model.safetensors; checkpoints hold unet/ only, and
+    `python -m trainers.full CHECKPOINT --out DIR` exports one completely."""
     single_file: bool = True  # also write model.safetensors in the original layout
 
 
