@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test bench clean
+.PHONY: venv test bench base demo clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml
 
 test: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The tiny world's base model, trained here from nothing (a few minutes on a CPU), and its score
+base: venv
+	$(PY) -m trainers.tiny_world --check
+
+# A LoRA teaches the tiny base a new shape; builds the base first when it is missing
+demo: venv
+	$(PY) -m trainers.demo
 
 # SD 1.5 at 512 px by default; on a CPU pass e.g. BENCH_ARGS="--resolution 256 --grads input"
 bench: venv

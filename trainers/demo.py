@@ -1,0 +1,113 @@
+"""`make demo`: teach the tiny base a shape it has never seen, and measure that it learned.
+
+1. the tiny base (built once by `trainers.tiny_world`, reused after);
+2. a small set of pictures of stars (a shape held out of the base's data) captioned with the
+   trigger word "zorb": "a red zorb on a white background";
+3. the scores before: how often the base draws a star for "zorb" prompts, and how often it draws
+   the asked shape and colour for ordinary prompts;
+4. a LoRA trained through `accelerate launch -m trainers` (configs/tiny/demo_lora.yaml), which
+   exports the diffusers/peft and the kohya (A1111/ComfyUI) files and logs to TensorBoard;
+5. the scores after, with the kohya file merged into the base, a before/after picture and a
+   one-screen summary (also saved as summary.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .tiny_world import CONFIGS, ROOT, SIZE, build_base, run_stage
+
+TRIGGER, HELD_OUT = "zorb", "star"
+CONCEPT_PICTURES = 48
+
+
+def make_concept(folder: Path) -> Path:
+    from data_tools.synthetic import TRUTH_FILE, scenes, write_dataset
+
+    if not (folder / TRUTH_FILE).is_file():
+        write_dataset(folder, scenes(CONCEPT_PICTURES, seed=1, size=SIZE, shapes=(HELD_OUT,)), SIZE,
+                      shape_words={HELD_OUT: TRIGGER})
+    return folder
+
+
+def accelerate_launcher() -> tuple[str, ...]:
+    import sys
+
+    return (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainers.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="runs", help="where the base, the LoRA run and the summary go")
+    p.add_argument("--data", default="data/tiny-world", help="where the pictures go")
+    p.add_argument("--seeds", type=int, default=2, help="pictures per prompt when scoring")
+    p.add_argument("--fresh", action="store_true", help="retrain the LoRA even if the demo ran before")
+    args = p.parse_args(argv)
+    from ldmcore.checkpoints import load_components
+
+    from .evaluate import asks, grid, score, with_lora
+
+    started = time.perf_counter()
+    runs, data = Path(args.runs).resolve(), Path(args.data).resolve()
+    base_dir = build_base(runs / "tiny-world", data)
+    base_time = time.perf_counter() - started
+    concept = make_concept(data / TRIGGER)
+    out = runs / "demo"
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+
+    base = load_components(base_dir, dtype=torch.float32)
+    seeds = list(range(args.seeds))
+    trigger_asks, plain_asks = asks(TRIGGER, HELD_OUT), asks()
+    before = {"trigger": score(base, trigger_asks, seeds), "plain": score(base, plain_asks, seeds[:1])}
+
+    lora_started = time.perf_counter()
+    run_stage(CONFIGS / "demo_lora.yaml", f"model.path={base_dir}", f"data.path={concept}",
+              f"data.cache.dir={runs / 'demo-cache'}", f"output_dir={out}", launcher=accelerate_launcher())
+    lora_time = time.perf_counter() - lora_started
+    kohya, peft = out / "lora_kohya.safetensors", out / "pytorch_lora_weights.safetensors"
+    tuned = with_lora(base, kohya)
+    after = {"trigger": score(tuned, trigger_asks, seeds), "plain": score(tuned, plain_asks, seeds[:1])}
+    # the two exported formats must be the same adapter
+    same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned.unet.state_dict().values(),
+                                                               with_lora(base, peft).unet.state_dict().values()))
+
+    rows = [before["trigger"].pictures[0], after["trigger"].pictures[0],
+            before["plain"].pictures[0][:6], after["plain"].pictures[0][:6]]
+    picture = grid(rows, ["before: zorb", "after: zorb", "before: plain", "after: plain"])
+    picture.save(out / "before_after.png")
+
+    total = time.perf_counter() - started
+    summary = {
+        "trigger_prompt_star_share": {"before": before["trigger"].shape, "after": after["trigger"].shape},
+        "trigger_prompt_colour_share": {"before": before["trigger"].colour, "after": after["trigger"].colour},
+        "plain_prompt_correct_share": {"before": before["plain"].both, "after": after["plain"].both},
+        "exports_agree": same,
+        "seconds": {"base": base_time, "lora": lora_time, "total": total},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    rel = lambda path: path.relative_to(ROOT) if path.is_relative_to(ROOT) else path  # noqa: E731
+    print(f"""
+ldm-tune demo: a LoRA teaches the tiny base a shape it never saw ("{TRIGGER}" = {HELD_OUT})
+  base model        {rel(base_dir)}  ({base_time / 60:.1f} min to get it)
+  LoRA training     {lora_time / 60:.1f} min, {CONCEPT_PICTURES} pictures of {HELD_OUT}s
+                                    before    after
+  "{TRIGGER}" prompts draw a {HELD_OUT}:   {before['trigger'].shape:6.0%}   {after['trigger'].shape:6.0%}
+  ... in the asked colour:          {before['trigger'].colour:6.0%}   {after['trigger'].colour:6.0%}
+  plain prompts drawn right:        {before['plain'].both:6.0%}   {after['plain'].both:6.0%}   (shape and colour)
+  exports   {rel(peft)} (diffusers)
+            {rel(kohya)} (A1111/ComfyUI); both formats agree: {same}
+  picture   {rel(out / 'before_after.png')}
+  logs      tensorboard --logdir {rel(out / 'logs')}
+  total     {total / 60:.1f} min""")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
