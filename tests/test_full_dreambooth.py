@@ -85,6 +85,15 @@ def _stop_after(out: Path, step: int):
     return (sys.executable, "-c", code)
 
 
+def _free_port() -> int:
+    """A port for the process group: the default one may be taken by another test run on the machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def assert_resume_matches(world, tmp_path, method, *common, fresh_class_folders=False) -> Path:
     """An uninterrupted run ("whole") and one killed after its step-2 checkpoint and resumed ("parts")
     end with the same trained weights at step 4. With `fresh_class_folders` each draws its own class
@@ -200,7 +209,7 @@ def _dreambooth(world, class_folder: str, **settings):
                  *[f"dreambooth.{k}={v}" for k, v in settings.items()]]
     config = load_config(Config, ROOT / "configs" / "tiny" / "dreambooth.yaml", overrides)
     method = make_method(config, load_components(world / "model"))
-    dataset, keys = method.dataset(torch.device("cpu"), progress=False)
+    dataset, _ = method.dataset(torch.device("cpu"), progress=False)
     return method, dataset
 
 
@@ -279,7 +288,7 @@ def test_dreambooth_full_under_two_processes_draws_class_images_once_and_exports
 
     out, classes = tmp_path / "two", tmp_path / "classes"
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_cpu_threads_per_process", "1", "-m", "trainers")
+                "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()), "-m", "trainers")
     run(world, out, "dreambooth", "dreambooth.train=full", "train.max_steps=2", "train.checkpoint_every=2",
         "train.batch_size=1", "dreambooth.num_class_images=3", "dreambooth.class_steps=3",
         "dreambooth.class_batch_size=2", f"data.class_path={classes}", launcher=launcher)

@@ -38,9 +38,8 @@ class DreamBoothMethod(Method):
     name = "dreambooth"
 
     def __new__(cls, config, components):
-        if cls is DreamBoothMethod:
-            cls = {"lora": LoraDreamBooth, "full": FullDreamBooth}[config.dreambooth.train]
-        return super().__new__(cls)
+        variant = {"lora": LoraDreamBooth, "full": FullDreamBooth}[config.dreambooth.train] if cls is DreamBoothMethod else cls
+        return super().__new__(variant)
 
     def __init__(self, config, components):
         check_config(config)
