@@ -48,7 +48,9 @@ class VaeMethod(Method):
         loss = F.l1_loss(recon, x)
         if vc.l2_weight:
             loss = loss + vc.l2_weight * F.mse_loss(recon, x)
-        return loss + vc.kl_weight * posterior.kl().float().mean()
+        # the KL is summed over latent elements but the L1 is a mean over pixels: per pixel, as in the
+        # LDM autoencoders' summed likelihood, so that kl_weight means what it means there (1e-6)
+        return loss + vc.kl_weight * posterior.kl().float().mean() / x[0].numel()
 
     @torch.no_grad()
     def measured_scaling_factor(self) -> float:
