@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -105,6 +106,57 @@ def grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] = (), scal
         for j, picture in enumerate(row):
             out.paste(picture.resize((w, h), Image.NEAREST), (left + j * w, i * h))
     return out
+
+
+# -- scores for what a picture keeps and where it draws (inpainting, ControlNet) --------------------
+
+
+@dataclass(frozen=True)
+class Repaint:
+    """How an inpainted picture did on one ask."""
+
+    drawn: bool  # the detector finds the asked shape, in the asked colour, inside the repainted region
+    inside: float  # share of the detected shape's pixels that lie inside the region
+    outside_change: float  # mean absolute change of the pixels outside the region, in 0..255 levels
+
+
+def repaint_score(picture: Image.Image, original: Image.Image, region: np.ndarray, shape: str, colour: str,
+                  min_inside: float = 0.9) -> Repaint:
+    """`region` (H, W) bool: the pixels the inpainting was allowed to change (the mask's white)."""
+    now = np.asarray(picture.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    before = np.asarray(original.convert("RGB"), dtype=np.float32)
+    keep = ~region
+    change = float(np.abs(now - before)[keep].mean()) if keep.any() else 0.0
+    d = detect(picture)
+    inside = float((d.mask & region).sum() / max(int(d.mask.sum()), 1))
+    drawn = d.shape is not None and d.matches(shape, colour) and inside >= min_inside
+    return Repaint(drawn, inside, change)
+
+
+def shape_region(picture: Image.Image) -> np.ndarray:
+    """The (H, W) bool pixels of the shape the detector finds, counted as the ground truth's masks
+    count them (a pixel belongs when the shape covers at least half of it): the pixels nearer the
+    shape's colour than the background's, in the parts that meet the detector's region. The
+    detector's own region (any clear difference from the background) also takes in edge pixels the
+    shape covers only partly. All False when it finds nothing."""
+    import cv2
+
+    d = detect(picture)
+    if d.box is None:
+        return np.zeros_like(d.mask)
+    pixels = np.asarray(picture.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background, colour = np.median(border, axis=0), np.median(pixels[d.mask], axis=0)
+    nearer = np.linalg.norm(pixels - colour, axis=-1) < np.linalg.norm(pixels - background, axis=-1)
+    _, labels = cv2.connectedComponents(nearer.astype(np.uint8), connectivity=8)
+    return np.isin(labels, np.unique(labels[d.mask & nearer])) & nearer
+
+
+def mask_iou(picture: Image.Image, truth: np.ndarray) -> float:
+    """Overlap (intersection over union) of the shape found in the picture (`shape_region`) with a
+    (H, W) bool mask; 0 when nothing is found."""
+    region = shape_region(picture)
+    return float((region & truth).sum() / max(int((region | truth).sum()), 1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,116 @@
+"""The method checks (trainers/checks.py): their scorers on drawn ground truth, and every check end to
+end at toy size. What the checks measure on the real tiny base is in the README; these tests prove
+the scorers score what they claim and the plumbing runs the real entry point and writes the scores."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_tools.synthetic import BACKGROUNDS, Scene, render, scenes, shape_mask
+from trainers import checks, tiny_world
+from trainers.evaluate import mask_iou, repaint_score
+
+SIZE = checks.SIZE
+
+
+def fill_region(picture: Image.Image, region: np.ndarray, background: str) -> Image.Image:
+    """The picture with `region` painted in the plain background colour: the shape erased, nothing drawn."""
+    pixels = np.asarray(picture).copy()
+    pixels[region] = BACKGROUNDS[background]
+    return Image.fromarray(pixels)
+
+
+def test_repaint_score_is_perfect_for_the_asked_shape_drawn_in_the_region_and_zero_for_the_rest():
+    items = checks.erase_asks(12)
+    assert all(a.shape != s.shape and a.colour != s.colour for s, _, a in items)  # it asks for something new
+    for scene, region, ask in items:
+        original = render(scene, SIZE)[0]
+        assert region[scene.box[1]:scene.box[3], scene.box[0]:scene.box[2]].all()  # the old shape is all inside
+        # the renderer's answer: the asked shape in the erased box, on the very same background
+        answer = render(replace(scene, shape=ask.shape, colour=ask.colour), SIZE)[0]
+        perfect = repaint_score(answer, original, region, ask.shape, ask.colour)
+        assert perfect.drawn and perfect.inside == 1.0 and perfect.outside_change == 0.0
+
+        empty = repaint_score(fill_region(original, region, scene.background), original, region, ask.shape, ask.colour)
+        assert not empty.drawn and empty.outside_change == 0.0
+        # the old picture kept: the wrong shape and colour
+        assert not repaint_score(original, original, region, ask.shape, ask.colour).drawn
+        # the asked shape, but in another colour
+        other = next(c for c in ("red", "blue") if c != ask.colour)
+        assert not repaint_score(render(replace(scene, shape=ask.shape, colour=other), SIZE)[0], original, region,
+                                 ask.shape, ask.colour).drawn
+
+
+def test_repaint_score_counts_a_shape_outside_the_region_and_every_changed_pixel_outside():
+    scene = Scene("circle", "red", "white", (2, 2, 14, 14))
+    region = np.zeros((SIZE, SIZE), dtype=bool)
+    region[:16, :16] = True
+    original = render(scene, SIZE)[0]
+    # the asked square drawn in the other corner: right shape and colour, wrong place, pixels outside changed
+    elsewhere = render(Scene("square", "blue", "white", (18, 18, 30, 30)), SIZE)[0]
+    s = repaint_score(elsewhere, original, region, "square", "blue")
+    assert not s.drawn and s.inside == 0.0
+    changed = ~region & shape_mask("square", (18, 18, 30, 30), SIZE)
+    expected = (np.abs(np.asarray(elsewhere, np.float32) - np.asarray(original, np.float32))[~region]).mean()
+    assert changed.any() and s.outside_change == pytest.approx(expected) and s.outside_change > 5
+
+
+def test_mask_iou_is_near_one_for_the_ground_truth_and_low_for_a_shifted_or_empty_picture():
+    for scene in scenes(12, seed=3, size=SIZE):
+        truth = shape_mask(scene.shape, scene.box, SIZE)
+        assert mask_iou(render(scene, SIZE)[0], truth) > 0.95
+        x0, y0, x1, y1 = scene.box
+        dx = 8 if x1 + 8 <= SIZE else -8
+        shifted = render(replace(scene, box=(x0 + dx, y0, x1 + dx, y1)), SIZE)[0]
+        assert mask_iou(shifted, truth) < 0.6
+        assert mask_iou(Image.new("RGB", (SIZE, SIZE), BACKGROUNDS[scene.background]), truth) == 0.0
+
+
+def test_shape_maps_are_the_ground_truth_masks_by_file_stem(tmp_path):
+    from data_tools.synthetic import read_truth, write_dataset
+
+    pictures = write_dataset(tmp_path / "pics", scenes(5, seed=4, size=SIZE), SIZE)
+    maps = checks.make_shape_maps(tmp_path / "maps", pictures)
+    for file, scene in read_truth(pictures):
+        drawn = np.asarray(Image.open(maps / (file.rsplit(".", 1)[0] + ".png")))  # (H, W, 3), same stem
+        assert drawn.shape == (SIZE, SIZE, 3)
+        assert np.array_equal(drawn[..., 0] > 127, shape_mask(scene.shape, scene.box, SIZE))
+
+
+# -- every check end to end, at toy size -----------------------------------------------------------
+
+QUICK_STAGE = ["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def toy_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checks")
+    base = tiny_world.build_base(root / "runs" / "tiny-world", root / "data", pictures=16,
+                                 overrides={"vae": QUICK_STAGE, "unet": QUICK_STAGE})
+    return root, base
+
+
+@pytest.mark.parametrize("method", list(checks.CHECKS))
+def test_check_trains_through_the_entry_point_and_writes_its_scores(toy_world, method):
+    root, base = toy_world
+    quick = [*QUICK_STAGE, "train.checkpoint_every=2", "dreambooth.num_class_images=4", "dreambooth.class_steps=2"]
+    assert checks.main([method, *quick, "--runs", str(root / "runs"), "--data", str(root / "data"),
+                        "--samples", "3"]) == 0
+    out = root / "runs" / "checks"
+    summary = json.loads((out / f"{method}.json").read_text())
+    assert summary["check"] == method and summary["samples"] == 3
+    assert len(summary["scores"]) >= 2
+    for label, row in summary["scores"].items():
+        assert list(row) == summary["columns"]
+        for value in row.values():
+            assert value >= 0 and ("levels" in label or value <= 1)
+    assert Image.open(out / f"{method}.png").width > 0
+    assert summary["training_seconds"] and all(s > 0 for s in summary["training_seconds"].values())
+    trained = {"full": ["full/model/model_index.json"],
+               "dreambooth": ["dreambooth/pytorch_lora_weights.safetensors",
+                              "dreambooth-no-prior/pytorch_lora_weights.safetensors"],
+               "inpaint": ["inpaint/model/model_index.json"],
+               "controlnet": ["controlnet/controlnet/config.json"]}[method]
+    assert all((out / path).is_file() for path in trained)
