@@ -114,7 +114,7 @@ def render(scene: Scene, size: int, supersample: int = 4) -> tuple[Image.Image, 
 
 def random_scene(rng: np.random.Generator, size: int, shapes: Sequence[str] = BASE_SHAPES,
                  colours: Sequence[str] = BASE_COLOURS, backgrounds: Sequence[str] = tuple(BACKGROUNDS),
-                 textured_share: float = 0.3, min_frac: float = 0.4, max_frac: float = 0.8) -> Scene:
+                 textured_share: float = 0.2, min_frac: float = 0.5, max_frac: float = 0.9) -> Scene:
     """A shape of random kind, colour, size (a share of the picture's side) and position."""
     side = int(rng.integers(round(min_frac * size), round(max_frac * size) + 1))
     x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))

@@ -2,7 +2,10 @@
 
     python -m trainers.tiny_world [--runs runs/tiny-world] [--data data/tiny-world]
 
-1. pictures: `<data>/base`, seeded pictures of the base shapes and colours with captions;
+1. pictures: `<data>/base`, seeded pictures of the base shapes and colours with captions, and
+   `<data>/codec`, pictures of every shape and colour for the autoencoder alone: the VAE is the
+   world's image codec (SD's VAE has seen far more than any one fine-tune brings), while what is
+   held out (the star) stays out of every caption the text-to-image model learns from;
 2. init: a freshly initialised model folder in SD's layout (`tiny-world` preset) whose CLIP
    tokenizer is built from the caption vocabulary (plus spare words the base never reads);
 3. vae: the KL autoencoder trained on the pictures (`configs/tiny/world_vae.yaml`, method vae);
@@ -39,11 +42,12 @@ def run_stage(config: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> 
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {done.returncode}")
 
 
-def make_pictures(folder: Path, n: int, seed: int) -> Path:
+def make_pictures(folder: Path, n: int, seed: int, **kinds) -> Path:
+    """`kinds`: `shapes` / `colours` to draw from (default: the base's)."""
     from data_tools.synthetic import TRUTH_FILE, scenes, write_dataset
 
     if not (folder / TRUTH_FILE).is_file():
-        write_dataset(folder, scenes(n, seed, SIZE), SIZE, progress=True)
+        write_dataset(folder, scenes(n, seed, SIZE, **kinds), SIZE, progress=True)
     return folder
 
 
@@ -79,12 +83,15 @@ def build_base(runs: Path, data: Path, *, pictures: int = BASE_PICTURES, overrid
         return base
     started = time.perf_counter()
     extra = overrides or {}
+    from data_tools.synthetic import COLOURS, SHAPES
+
     pics = make_pictures(data / "base", pictures, seed=0)
+    codec = make_pictures(data / "codec", pictures, seed=1, shapes=tuple(SHAPES), colours=tuple(COLOURS))
     init = make_init(runs / "init")
     cache = f"data.cache.dir={runs / 'cache'}"
     vae_out = runs / "vae"
     if not (vae_out / "model" / "model_index.json").is_file():
-        run_stage(CONFIGS / "world_vae.yaml", f"model.path={init}", f"data.path={pics}", cache,
+        run_stage(CONFIGS / "world_vae.yaml", f"model.path={init}", f"data.path={codec}", cache,
                   f"output_dir={vae_out}", *extra.get("vae", []))
     unet_out = runs / "unet"
     if not (unet_out / "model" / "model_index.json").is_file():
