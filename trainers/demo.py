@@ -1,9 +1,9 @@
 """`make demo`: teach the tiny base a shape it has never seen, and measure that it learned.
 
 1. the tiny base (built once by `trainers.tiny_world`, reused after);
-2. a small set of pictures of stars (a shape held out of the base's data) captioned with the
+2. a small set of pictures of crosses (a shape held out of the base's data) captioned with the
    trigger word "zorb": "a red zorb on a white background";
-3. the scores before: how often the base draws a star for "zorb" prompts, and how often it draws
+3. the scores before: how often the base draws a cross for "zorb" prompts, and how often it draws
    the asked shape and colour for ordinary prompts;
 4. a LoRA trained through `accelerate launch -m trainers` (configs/tiny/demo_lora.yaml), which
    exports the diffusers/peft and the kohya (A1111/ComfyUI) files and logs to TensorBoard;
@@ -22,7 +22,7 @@ import torch
 
 from .tiny_world import CONFIGS, ROOT, SIZE, build_base, run_stage
 
-TRIGGER, HELD_OUT = "zorb", "star"
+TRIGGER, HELD_OUT = "zorb", "cross"
 CONCEPT_PICTURES = 48
 
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     total = time.perf_counter() - started
     summary = {
-        "trigger_prompt_star_share": {"before": before["trigger"].shape, "after": after["trigger"].shape},
+        "trigger_prompt_shape_share": {"before": before["trigger"].shape, "after": after["trigger"].shape},
         "trigger_prompt_colour_share": {"before": before["trigger"].colour, "after": after["trigger"].colour},
         "plain_prompt_correct_share": {"before": before["plain"].both, "after": after["plain"].both},
         "exports_agree": same,

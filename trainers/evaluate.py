@@ -6,7 +6,7 @@ README's figures and the tests' thresholds.
 
     python -m trainers.evaluate base runs/tiny-world/base
     python -m trainers.evaluate concept runs/tiny-world/base --lora runs/demo/lora/pytorch_lora_weights.safetensors \
-        --word zorb --shape star
+        --word zorb --shape cross
 """
 from __future__ import annotations
 
