@@ -9,11 +9,14 @@ configs/tiny/world_<method>.yaml`, key=value overrides passed on), samples the m
 for prompts whose answer is known, and scores the pictures with the tiny world's detector. It prints
 the scores and writes them to <runs>/checks/<method>.json, with a picture grid <method>.png beside.
 
-- full: the whole U-Net trained on the demo's stars captioned "zorb": how often "zorb" prompts draw a
-  star, and how often plain prompts still draw the asked shape and colour.
-- dreambooth: a LoRA on red stars on white ("a red zorb on a white background") with class pictures
-  the base draws for "a red diamond on a white background": the trigger draws stars, the class prompt
-  keeps drawing diamonds; the same run without prior preservation shows what the class pictures keep.
+- full: the whole U-Net trained on the demo's concept pictures (its held-out shape, captioned with
+  the trigger word "zorb") beside twice as many pictures of what the base already draws, as full
+  fine-tunes keep their base: how often "zorb" prompts draw the new shape, and how often plain
+  prompts still draw the asked shape and colour.
+- dreambooth: a LoRA on one subject (red zorbs on white, "a red zorb on a white background") with
+  class pictures the base draws for "a red diamond on a white background": the trigger draws the
+  subject, and the class prompt keeps drawing what the base drew. The same run without prior
+  preservation shows what the class pictures buy: there the subject leaks into the class prompt.
 - inpaint: the base widened to 9 channels and trained on cached masks. On held-out pictures the
   shape's box is masked and another shape asked for: is it drawn inside the region in the asked
   colour, and do the pixels outside stay? "Before" is the widened, untrained model: its new input
@@ -43,10 +46,13 @@ from PIL import Image
 from .demo import HELD_OUT, TRIGGER, make_concept
 from .tiny_world import BASE_PICTURES, CONFIGS, SIZE, build_base, make_pictures, run_stage
 
-HELDOUT_SEED = 7  # scenes no method trained on (the base pictures use seed 0, the demo's stars seed 1)
+HELDOUT_SEED = 7  # scenes no method trained on (the base pictures use seed 0, the demo's concept seed 1)
 INSTANCE_COLOUR, INSTANCE_BACKGROUND, CLASS_SHAPE = "red", "white", "diamond"  # DreamBooth
 INSTANCE_PICTURES = 8
+REFRESH_PICTURES = 96  # pictures of what the base knows, trained beside the full fine-tune's new concept
 REGION_MARGIN = 2  # pixels the repainted region reaches past the erased shape's box
+ERASED_MAX_FRAC = 0.55  # held-out shapes to erase are at most this share of the side: the region stays
+# within the training masks' sizes and leaves at least half the picture to keep
 
 
 @dataclass
@@ -109,7 +115,9 @@ def seeds_for(n_prompts: int, samples: int) -> list[int]:
 def check_full(setup: Setup) -> dict:
     from .evaluate import asks, grid, score
 
-    concept = make_concept(setup.data / TRIGGER)
+    mixed = setup.data / f"{TRIGGER}-and-base"
+    make_concept(mixed / TRIGGER)
+    make_pictures(mixed / "base", REFRESH_PICTURES, seed=3)
     trigger, plain = asks(TRIGGER, HELD_OUT), asks()
     t_seeds, p_seeds = seeds_for(len(trigger), setup.samples), seeds_for(len(plain), setup.samples)
 
@@ -117,7 +125,7 @@ def check_full(setup: Setup) -> dict:
         return score(parts, trigger, t_seeds), score(parts, plain, p_seeds)
 
     before = measure(load(setup.base))
-    after = measure(load(setup.train("full", "full", concept) / "model"))
+    after = measure(load(setup.train("full", "full", mixed) / "model"))
     picture = grid([before[0].pictures[0], after[0].pictures[0], before[1].pictures[0][:8], after[1].pictures[0][:8]],
                    [f"before: {TRIGGER}", f"after: {TRIGGER}", "before: plain", "after: plain"])
     return finish(setup, "full", ["before", "after"], {
@@ -131,7 +139,8 @@ def check_full(setup: Setup) -> dict:
 
 
 def make_instances(folder: Path) -> Path:
-    """A few pictures of one subject: stars of one colour on one plain background, captioned with the trigger."""
+    """A few pictures of one subject: the held-out shape in one colour on one plain background,
+    captioned with the trigger word."""
     from data_tools.synthetic import TRUTH_FILE, scenes, write_dataset
 
     if not (folder / TRUTH_FILE).is_file():
@@ -142,6 +151,8 @@ def make_instances(folder: Path) -> Path:
 
 
 def check_dreambooth(setup: Setup) -> dict:
+    from data_tools.detect import detect
+
     from .evaluate import Ask, grid, score, with_lora
 
     instance_prompt = f"a {INSTANCE_COLOUR} {TRIGGER} on a {INSTANCE_BACKGROUND} background"
@@ -154,7 +165,8 @@ def check_dreambooth(setup: Setup) -> dict:
 
     def measure(parts):
         t, c = score(parts, trigger, [0]), score(parts, klass, [0])
-        return t.both, c.both, t.pictures[0], c.pictures[0]
+        leak = float(np.mean([detect(p).shape == HELD_OUT for p in c.pictures[0]]))
+        return t.shape, t.both, c.both, leak, t.pictures[0], c.pictures[0]
 
     base = load(setup.base)
     runs = {
@@ -167,12 +179,14 @@ def check_dreambooth(setup: Setup) -> dict:
     results = {name: measure(base if out is None else with_lora(base, out / "pytorch_lora_weights.safetensors"))
                for name, out in runs.items()}
     rows, labels = [], []
-    for name, (_, _, star_pictures, class_pictures) in results.items():
-        rows += [star_pictures[:8], class_pictures[:8]]
+    for name, (*_, subject_pictures, class_pictures) in results.items():
+        rows += [subject_pictures[:8], class_pictures[:8]]
         labels += [f"{name}: {TRIGGER}", f"{name}: {CLASS_SHAPE}"]
     return finish(setup, "dreambooth", ["before", "after (prior pres.)", "after (no prior pres.)"], {
-        f'"{instance_prompt}" draws a {INSTANCE_COLOUR} {HELD_OUT}': [r[0] for r in results.values()],
-        f'"{class_prompt}" draws a {INSTANCE_COLOUR} {CLASS_SHAPE}': [r[1] for r in results.values()],
+        f'"{instance_prompt}" draws a {HELD_OUT}': [r[0] for r in results.values()],
+        f"... in {INSTANCE_COLOUR}": [r[1] for r in results.values()],
+        f'"{class_prompt}" draws a {INSTANCE_COLOUR} {CLASS_SHAPE}': [r[2] for r in results.values()],
+        f"... draws a {HELD_OUT} instead (the subject leaks into its class)": [r[3] for r in results.values()],
     }, grid(rows, labels))
 
 
@@ -187,7 +201,7 @@ def erase_asks(n: int):
     from .evaluate import Ask
 
     out = []
-    for i, scene in enumerate(scenes(n, HELDOUT_SEED, SIZE)):
+    for i, scene in enumerate(scenes(n, HELDOUT_SEED, SIZE, max_frac=ERASED_MAX_FRAC)):
         x0, y0, x1, y1 = scene.box
         m = REGION_MARGIN
         region = np.zeros((SIZE, SIZE), dtype=bool)
