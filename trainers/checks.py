@@ -10,9 +10,9 @@ for prompts whose answer is known, and scores the pictures with the tiny world's
 the scores and writes them to <runs>/checks/<method>.json, with a picture grid <method>.png beside.
 
 - full: the whole U-Net trained on the demo's concept pictures (its held-out shape, captioned with
-  the trigger word "zorb") beside twice as many pictures of what the base already draws, as full
-  fine-tunes keep their base: how often "zorb" prompts draw the new shape, and how often plain
-  prompts still draw the asked shape and colour.
+  the trigger word "zorb", beside as many ordinary pictures that keep the base's prompts in place):
+  how often "zorb" prompts draw the new shape, and how often plain prompts still draw the asked
+  shape and colour.
 - dreambooth: a LoRA on one subject (red zorbs on white, "a red zorb on a white background") with
   class pictures the base draws for "a red diamond on a white background": the trigger draws the
   subject, and the class prompt keeps drawing what the base drew. The same run without prior
@@ -49,7 +49,6 @@ from .tiny_world import BASE_PICTURES, CONFIGS, SIZE, build_base, make_pictures,
 HELDOUT_SEED = 7  # scenes no method trained on (the base pictures use seed 0, the demo's concept seed 1)
 INSTANCE_COLOUR, INSTANCE_BACKGROUND, CLASS_SHAPE = "red", "white", "diamond"  # DreamBooth
 INSTANCE_PICTURES = 8
-REFRESH_PICTURES = 96  # pictures of what the base knows, trained beside the full fine-tune's new concept
 REGION_MARGIN = 2  # pixels the repainted region reaches past the erased shape's box
 ERASED_MAX_FRAC = 0.55  # held-out shapes to erase are at most this share of the side: the region stays
 # within the training masks' sizes and leaves at least half the picture to keep
@@ -115,9 +114,7 @@ def seeds_for(n_prompts: int, samples: int) -> list[int]:
 def check_full(setup: Setup) -> dict:
     from .evaluate import asks, grid, score
 
-    mixed = setup.data / f"{TRIGGER}-and-base"
-    make_concept(mixed / TRIGGER)
-    make_pictures(mixed / "base", REFRESH_PICTURES, seed=3)
+    concept = make_concept(setup.data / TRIGGER)
     trigger, plain = asks(TRIGGER, HELD_OUT), asks()
     t_seeds, p_seeds = seeds_for(len(trigger), setup.samples), seeds_for(len(plain), setup.samples)
 
@@ -125,7 +122,7 @@ def check_full(setup: Setup) -> dict:
         return score(parts, trigger, t_seeds), score(parts, plain, p_seeds)
 
     before = measure(load(setup.base))
-    after = measure(load(setup.train("full", "full", mixed) / "model"))
+    after = measure(load(setup.train("full", "full", concept) / "model"))
     picture = grid([before[0].pictures[0], after[0].pictures[0], before[1].pictures[0][:8], after[1].pictures[0][:8]],
                    [f"before: {TRIGGER}", f"after: {TRIGGER}", "before: plain", "after: plain"])
     return finish(setup, "full", ["before", "after"], {
