@@ -53,11 +53,12 @@ def test_vae_method_trains_the_autoencoder_and_measures_its_scaling_factor(tmp_p
     assert (out / "checkpoints" / "step_00000030" / "model" / "model_index.json").is_file()
 
 
+QUICK = {"vae": ["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0"],
+         "unet": ["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0"]}
+
+
 def test_base_build_runs_every_stage_once_and_reuses_the_result(tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    quick = {"vae": ["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0"],
-             "unet": ["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0"]}
-    base = tiny_world.build_base(tmp_path / "runs", tmp_path / "data", pictures=8, overrides=quick)
+    base = tiny_world.build_base(tmp_path / "runs", tmp_path / "data", pictures=8, overrides=QUICK)
     parts = load_components(base, dtype=torch.float32)
     vae_stage = load_components(tmp_path / "runs" / "vae" / "model", dtype=torch.float32)
     # the base holds the trained VAE of stage 1 and the U-Net of stage 2 (trained away from its init)
@@ -72,3 +73,26 @@ def test_base_build_runs_every_stage_once_and_reuses_the_result(tmp_path, monkey
     monkeypatch.setattr(tiny_world, "run_stage", no_training)
     assert tiny_world.build_base(tmp_path / "runs", tmp_path / "data") == base.resolve()
     assert (base / "model_index.json").stat().st_mtime_ns == stamp
+
+
+def test_demo_runs_end_to_end_and_writes_its_summary(tmp_path):
+    """The demo's plumbing at toy size (a 2-step base, a 2-step LoRA through accelerate launch); what
+    it measures at full size is in the README."""
+    import json
+
+    from trainers import demo
+
+    runs = tmp_path / "runs"
+    tiny_world.build_base(runs / "tiny-world", tmp_path / "data", pictures=8, overrides=QUICK)
+    assert demo.main(["--runs", str(runs), "--data", str(tmp_path / "data"), "--seeds", "1",
+                      "train.max_steps=2", "train.batch_size=4", "validation.every=0"]) == 0
+    out = runs / "demo"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exports_agree"] is True
+    for key in ("trigger_prompt_shape_share", "plain_prompt_correct_share"):
+        assert set(summary[key]) == {"before", "after"} and all(0 <= v <= 1 for v in summary[key].values())
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
+    assert (out / "before_after.png").is_file() and list((out / "logs").rglob("events.out.tfevents.*"))
+    truth = (tmp_path / "data" / "zorb" / "truth.jsonl").read_text()
+    assert truth.count('"shape": "cross"') == demo.CONCEPT_PICTURES  # the new shape, beside ordinary pictures
+    assert truth.count("zorb") == demo.CONCEPT_PICTURES

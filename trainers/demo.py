@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/tiny-world", help="where the pictures go")
     p.add_argument("--seeds", type=int, default=2, help="pictures per prompt when scoring")
     p.add_argument("--fresh", action="store_true", help="retrain the LoRA even if the demo ran before")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="for the LoRA run, e.g. train.max_steps=100")
     args = p.parse_args(argv)
     from ldmcore.checkpoints import load_components
 
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
 
     lora_started = time.perf_counter()
     run_stage(CONFIGS / "demo_lora.yaml", f"model.path={base_dir}", f"data.path={concept}",
-              f"data.cache.dir={runs / 'demo-cache'}", f"output_dir={out}", launcher=accelerate_launcher())
+              f"data.cache.dir={runs / 'demo-cache'}", f"output_dir={out}", *args.overrides, launcher=accelerate_launcher())
     lora_time = time.perf_counter() - lora_started
     kohya, peft = out / "lora_kohya.safetensors", out / "pytorch_lora_weights.safetensors"
     tuned = with_lora(base, kohya)
