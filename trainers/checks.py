@@ -93,10 +93,10 @@ def finish(setup: Setup, check: str, columns: Sequence[str], scores: dict[str, S
                "total_seconds": round(time.perf_counter() - setup.started, 1)}
     (setup.out / f"{check}.json").write_text(json.dumps(summary, indent=2) + "\n")
     picture.save(setup.out / f"{check}.png")
-    width = max(map(len, scores))
-    print(f"\ncheck {check} ({setup.samples} pictures per score)\n  {'':{width}}" + "".join(f"{c:>22}" for c in columns))
+    width, cell = max(map(len, scores)), max(len(c) for c in columns) + 2
+    print(f"\ncheck {check} ({setup.samples} pictures per score)\n  {'':{width}}" + "".join(f"{c:>{cell}}" for c in columns))
     for label, values in scores.items():
-        cells = "".join(f"{v:22.1f}" if "levels" in label else f"{v:22.0%}" for v in values)
+        cells = "".join(f"{v:{cell}.1f}" if "levels" in label else f"{v:{cell}.0%}" for v in values)
         print(f"  {label:{width}}{cells}")
     for key, value in notes.items():
         print(f"  {key}: {value}")
@@ -165,11 +165,14 @@ def check_dreambooth(setup: Setup) -> dict:
         leak = float(np.mean([detect(p).shape == HELD_OUT for p in c.pictures[0]]))
         return t.shape, t.both, c.both, leak, t.pictures[0], c.pictures[0]
 
+    class_images = setup.out / "dreambooth-class"  # drawn by the base at the start of the run
+    if setup.fresh:
+        shutil.rmtree(class_images, ignore_errors=True)
     base = load(setup.base)
     runs = {
         "before": None,
         "with prior": setup.train("dreambooth", "dreambooth", instances, *prompts,
-                                  f"data.class_prompt={class_prompt}", f"data.class_path={setup.out / 'dreambooth-class'}"),
+                                  f"data.class_prompt={class_prompt}", f"data.class_path={class_images}"),
         "no prior": setup.train("dreambooth", "dreambooth-no-prior", instances, *prompts,
                                 "dreambooth.prior_preservation=false", "data.class_path=null", "data.class_prompt=null"),
     }
