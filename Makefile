@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test bench base demo clean
+.PHONY: venv test bench base demo checks clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ base: venv
 # A LoRA teaches the tiny base a new shape; builds the base first when it is missing
 demo: venv
 	$(PY) -m trainers.demo
+
+# Every method trained on the tiny world and scored before/after (about 11 min on a 2-core CPU)
+checks: venv
+	$(PY) -m trainers.checks all
 
 # SD 1.5 at 512 px by default; on a CPU pass e.g. BENCH_ARGS="--resolution 256 --grads input"
 bench: venv
