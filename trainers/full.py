@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 
-from ldmcore.weights import check_state_dict
-
 from .method import Method
 
 TRAINED_FILE = "trained.safetensors"  # the loop's name for what trained_state_dict() returns
@@ -41,16 +39,8 @@ class FullMethod(Method):
 
     # Checkpoints keep the U-Net under its diffusers names, so trained.safetensors is itself a
     # diffusers U-Net weights file that a checkpoint's unet/ folder links to.
-    def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach() for k, p in self.components.unet.named_parameters()}
-
-    def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.components.unet.named_parameters())
-        check_state_dict(params, state, "the checkpoint does not fit this run's U-Net",
-                         hint="was it written by another method, or for a U-Net of another shape?")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state[k].to(p.device, p.dtype))
+    def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.components.unet.named_parameters())
 
     def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
         folder = Path(folder)

@@ -92,19 +92,19 @@ class Method:
 
     # -- saving --------------------------------------------------------------------------------
 
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        """The trained parameters under the names a checkpoint stores them by ("<module>.<param>")."""
+        return {f"{name}.{key}": p for name, module in self.trained_modules().items()
+                for key, p in module.named_parameters() if p.requires_grad}
+
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must keep of the models: the trained parameters only."""
-        out = {}
-        for name, module in self.trained_modules().items():
-            for key, p in module.named_parameters():
-                if p.requires_grad:
-                    out[f"{name}.{key}"] = p.detach()
-        return out
+        return {k: p.detach() for k, p in self.trained_parameters().items()}
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = {f"{n}.{k}": p for n, m in self.trained_modules().items() for k, p in m.named_parameters() if p.requires_grad}
+        params = self.trained_parameters()
         check_state_dict(params, state, "the checkpoint does not fit this run's trained parameters",
-                         hint="was it written with another method or LoRA setting?")
+                         hint="was it written with another method, LoRA setting or model shape?")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(state[k].to(p.device, p.dtype))
