@@ -31,8 +31,8 @@ REGULARISATION = 48  # ordinary pictures trained beside them (see make_concept)
 def make_concept(folder: Path) -> Path:
     """CONCEPT_PICTURES of the new shape under the trigger word, and as many ordinary pictures of the
     base's world with their usual captions: regularisation pictures, without which the LoRA learns
-    "draw crosses" for every prompt rather than for "zorb" (measured: ordinary prompts fell from 83%
-    to 29% right without them, to 77% with them)."""
+    "draw crosses" for every prompt rather than for "zorb" (measured on a 2000-step base: see
+    configs/tiny/demo_lora.yaml)."""
     from data_tools.synthetic import TRUTH_FILE, scenes, write_dataset
 
     if not (folder / TRUTH_FILE).is_file():

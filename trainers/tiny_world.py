@@ -5,7 +5,7 @@
 1. pictures: `<data>/base`, seeded pictures of the base shapes and colours with captions, and
    `<data>/codec`, pictures of every shape and colour for the autoencoder alone: the VAE is the
    world's image codec (SD's VAE has seen far more than any one fine-tune brings), while what is
-   held out (the star) stays out of every caption the text-to-image model learns from;
+   held out (the cross, the demo's concept) stays out of every caption the text-to-image model learns from;
 2. init: a freshly initialised model folder in SD's layout (`tiny-world` preset) whose CLIP
    tokenizer is built from the caption vocabulary (plus spare words the base never reads);
 3. vae: the KL autoencoder trained on the pictures (`configs/tiny/world_vae.yaml`, method vae);
