@@ -27,6 +27,7 @@ from data_tools.store import fingerprint
 from ldmcore.checkpoints import Components, load_components
 
 from .config import Config
+from .distributed import Engine, TrainedModules, make_accelerator, make_offload_optimizer, offloads_optimizer
 from .method import Method, diffusion_loss  # noqa: F401  (diffusion_loss: re-exported for bench/)
 
 log = logging.getLogger(__name__)
@@ -116,20 +117,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 def train(config: Config) -> Path:
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from .distributed import DeepSpeedConfigError
     from .optim import EMA, make_optimizer, make_scheduler
 
     tc = config.train
     output = Path(config.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        gradient_accumulation_steps=tc.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_dir=str(output / "logs"),
-        cpu=not torch.cuda.is_available(),
-    )
+    try:
+        accelerator = make_accelerator(tc, output / "logs")
+    except DeepSpeedConfigError as e:
+        raise TrainingStopped(str(e)) from None
     main = accelerator.is_main_process
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if main:
@@ -175,17 +173,38 @@ def train(config: Config) -> Path:
     params = method.parameters()
     if not params:
         raise TrainingStopped(f"method {method.name} left no parameter to train")
-    optimizer = make_optimizer(params, tc)
-    scheduler = make_scheduler(optimizer, tc)  # stepped by us once per optimizer step, on every rank
-    names = list(method.trained_modules())
-    prepared = accelerator.prepare(*method.trained_modules().values(), optimizer)
-    models, optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if accelerator.state.deepspeed_plugin else None
+    if ds_config is not None and offloads_optimizer(ds_config):
+        optimizer = make_offload_optimizer(params, tc)
+    else:
+        optimizer = make_optimizer(params, tc)
+    trained = method.trained_modules()
+    if ds_config is None:
+        prepared = accelerator.prepare(*trained.values(), optimizer)
+        models, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
+        engine = Engine(None)
+    else:  # DeepSpeed wraps one model: several trained modules go in one container, called one by one
+        single = len(trained) == 1
+        wrapped, optimizer = accelerator.prepare(next(iter(trained.values())) if single else TrainedModules(trained),
+                                                 optimizer)
+        engine = Engine(wrapped)
+        models = {next(iter(trained)): wrapped} if single else dict(wrapped.module.items())
+    # built on the optimizer that holds the learning rate in use (DeepSpeed's inner one); stepped by
+    # us once per optimizer step, on every rank
+    scheduler = make_scheduler(engine.base_optimizer(optimizer), tc)
     ema = EMA(params, tc.ema_decay) if tc.ema_decay else None
+
+    def autocast():
+        # DeepSpeed keeps the prepared module itself in low precision and asks for no autocast, but
+        # the latents and the frozen parts' outputs arrive in float32: let autocast meet them
+        if engine.active and tc.mixed_precision != "no":
+            return torch.autocast(device.type, dtype=weight_dtype)
+        return accelerator.autocast()
 
     step, skipped, streak = 0, 0, 0
     resume_from = find_resume(output, tc.resume)
     if resume_from is not None:
-        step, skipped, streak = _load_checkpoint(resume_from, method, optimizer, scheduler, ema, sampler, rank)
+        step, skipped, streak = _load_checkpoint(resume_from, method, optimizer, scheduler, ema, sampler, rank, engine)
         if main:
             log.info("resumed from %s at step %d", resume_from, step)
 
@@ -201,6 +220,7 @@ def train(config: Config) -> Path:
     stream = batches()
     bar = tqdm(total=tc.max_steps, initial=step, desc="training", unit="step", disable=not main)
     window_bad, last, phase = False, time.perf_counter(), 0
+    step_times: list[float] = []
     while step < tc.max_steps:
         # the cache stores fp16; steps compute in float32 and autocast lowers what mixed precision may
         batch = {k: (v.to(device, torch.float32) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
@@ -208,7 +228,7 @@ def train(config: Config) -> Path:
         gens = sample_generators(tc.seed, step * tc.gradient_accumulation_steps + phase, batch.pop("item"))
         phase = (phase + 1) % tc.gradient_accumulation_steps
         with accelerator.accumulate(*models.values()):
-            with accelerator.autocast():
+            with autocast():
                 loss = method.loss(models, batch, empty_text, gens)
             finite = accelerator.reduce(torch.isfinite(loss).float().reshape(1), "min").item() > 0
             if finite:
@@ -219,7 +239,7 @@ def train(config: Config) -> Path:
             if accelerator.sync_gradients and not window_bad and tc.max_grad_norm:
                 grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
             if not window_bad:
-                optimizer.step()
+                optimizer.step()  # under DeepSpeed the backward above stepped, at the window's end
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
@@ -253,29 +273,76 @@ def train(config: Config) -> Path:
             if torch.cuda.is_available():
                 scalars["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             accelerator.log(scalars, step=step)
+        step_times.append(now - last)
         last = now
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler,
-                             _metadata(config, base_hash))
+                             _metadata(config, base_hash), engine)
         if heldout and ((config.validation.every and step % config.validation.every == 0) or step == tc.max_steps):
-            val = _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, accelerator)
+            val = _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, autocast)
             accelerator.log({"val_loss": val}, step=step)
         if config.validation.prompts and (
             (config.validation.every and step % config.validation.every == 0) or step == tc.max_steps
         ):
-            _validate(accelerator, method, config, output, step)
+            _validate(accelerator, method, config, output, step, engine, autocast)
     bar.close()
+    _write_run_stats(accelerator, output, step_times, engine)
 
     accelerator.wait_for_everyone()
-    if main:
-        if ema is not None:
-            ema.swap()
-            method.raw_weights = ema.shadow  # the swap left the raw weights there, in parameters() order
-        method.export(output, _metadata(config, base_hash))
-        if ema is not None:
-            ema.swap()
+    averages = ema.full_shadow() if ema is not None else None  # collective below ZeRO-3
+    with engine.full_weights():
+        if main:
+            _export(method, output, _metadata(config, base_hash), averages)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return output
+
+
+def peak_memory_gib() -> float:
+    """This process's peak: allocated GPU memory, or on a CPU the peak resident set (all of it:
+    weights, activations, the Python process itself)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def _write_run_stats(accelerator, output: Path, step_times: list[float], engine: Engine) -> None:
+    """output_dir/run_stats.json: step time and every process's peak memory, for the user and bench/."""
+    peaks = accelerator.gather(torch.tensor([peak_memory_gib()], device=accelerator.device)).tolist()
+    if not accelerator.is_main_process:
+        return
+    timed = step_times[1:] or step_times  # the first step pays for warm-up
+    stats = {
+        "processes": accelerator.num_processes,
+        "deepspeed_zero_stage": engine.stage if engine.active else None,
+        "steps_timed": len(timed),
+        "step_time_s_median": float(np.median(timed)) if timed else None,
+        "peak_memory_gib": peaks,
+        "memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "cpu peak rss",
+    }
+    (output / "run_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+@torch.no_grad()
+def _export(method: Method, folder: Path, metadata: dict, averages: list[torch.Tensor] | None) -> None:
+    """Export the trained weights, or with an EMA the averages (the raw weights go beside them
+    where the method keeps both: `method.raw_weights`, in parameters() order)."""
+    if averages is None:
+        method.export(folder, metadata)
+        return
+    params = method.parameters()
+    raw = [p.detach().clone() for p in params]
+    for p, a in zip(params, averages, strict=True):
+        p.copy_(a.to(p.device, p.dtype))
+    method.raw_weights = raw
+    try:
+        method.export(folder, metadata)
+    finally:
+        for p, r in zip(params, raw):
+            p.copy_(r)
+        method.raw_weights = None
 
 
 def _metadata(config: Config, base_hash: str) -> dict[str, str]:
@@ -287,10 +354,13 @@ def _metadata(config: Config, base_hash: str) -> dict[str, str]:
     }
 
 
-def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler, metadata) -> None:
-    """Every process writes its global random state (LoRA dropout draws from it); the main process
-    writes the rest and renames the folder into place only when everything is in it, so a crash
-    mid-write leaves no complete-looking checkpoint."""
+def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler, metadata,
+                     engine: Engine) -> None:
+    """Every process writes its global random state (LoRA dropout draws from it) and, under
+    DeepSpeed, its optimizer shard; the main process writes the rest and renames the folder into
+    place only when everything is in it, so a crash mid-write leaves no complete-looking checkpoint.
+    What the main process writes (trained.safetensors, ema.pt, the exports) is plain whole tensors,
+    the same with or without DeepSpeed."""
     from safetensors.torch import save_file
 
     folder = output / CHECKPOINTS
@@ -300,17 +370,25 @@ def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimiz
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if engine.active:
+        engine.save(tmp)
+    # collective under DeepSpeed: every rank takes part in putting the weights together
+    state = {k: v.contiguous().cpu() for k, v in engine.trained_state(method.trained_parameters()).items()}
+    ema_state = ema.state_dict() if ema is not None else None
     accelerator.wait_for_everyone()
+    with engine.full_weights():
+        if accelerator.is_main_process:
+            save_file(state, str(tmp / "trained.safetensors"))
+            if not engine.active:  # DeepSpeed's optimizer state is in its shards
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if ema_state is not None:
+                torch.save(ema_state, tmp / "ema.pt")
+            method.export(tmp, metadata)
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {k: v.contiguous().cpu() for k, v in method.trained_state_dict().items()}
-        save_file(state, str(tmp / "trained.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if ema is not None:
-            torch.save(ema.state_dict(), tmp / "ema.pt")
-        method.export(tmp, metadata)
         counters = {"step": step, "skipped": skipped, "streak": streak, "sampler": sampler.state_dict(),
-                    "world_size": accelerator.num_processes}
+                    "world_size": accelerator.num_processes, "deepspeed": engine.active}
         (tmp / "state.json").write_text(json.dumps(counters))  # written last: marks the folder complete
         final = folder / f"step_{step:08d}"
         shutil.rmtree(final, ignore_errors=True)
@@ -320,7 +398,7 @@ def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimiz
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(folder: Path, method, optimizer, scheduler, ema, sampler, rank) -> tuple[int, int, int]:
+def _load_checkpoint(folder: Path, method, optimizer, scheduler, ema, sampler, rank, engine: Engine) -> tuple[int, int, int]:
     from safetensors.torch import load_file
 
     counters = json.loads((folder / "state.json").read_text())
@@ -329,8 +407,14 @@ def _load_checkpoint(folder: Path, method, optimizer, scheduler, ema, sampler, r
             f"{folder} was written by {counters['world_size']} processes, this run has {sampler.num_replicas}; "
             "resume with the same number of processes"
         )
-    method.load_trained_state_dict(load_file(str(folder / "trained.safetensors")))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    if counters.get("deepspeed", False) != engine.active:
+        how = "under DeepSpeed" if counters.get("deepspeed") else "without DeepSpeed"
+        raise TrainingStopped(f"{folder} was written {how}; resume it with the accelerate config that wrote it")
+    if engine.active:  # the trained weights (float32 masters included) and the optimizer shards
+        engine.load(folder)
+    else:
+        method.load_trained_state_dict(load_file(str(folder / "trained.safetensors")))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     if ema is not None:
         ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
@@ -340,7 +424,7 @@ def _load_checkpoint(folder: Path, method, optimizer, scheduler, ema, sampler, r
 
 
 @torch.no_grad()
-def _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, accelerator) -> float:
+def _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, autocast) -> float:
     """The loss on held-out images at fixed timesteps with fixed noise: comparable across steps
     and runs. Every process computes it (cheap), so no process waits on another."""
     schedule, losses = parts.schedule, []
@@ -356,15 +440,22 @@ def _validation_loss(models, method, dataset, heldout, parts, config, empty_text
             text = method.encode_text(batch, torch.zeros(1, dtype=torch.bool, device=device), empty_text, models)
             noisy = schedule.add_noise(latents, noise, tt)
             kwargs = method.unet_kwargs(batch, noisy, tt, text, models)
-            with accelerator.autocast():
+            with autocast():
                 pred = models.get("unet", parts.unet)(kwargs.pop("sample", noisy), tt, text, **kwargs)
             losses.append(F.mse_loss(pred.float(), schedule.target(latents, noise, tt).float()).item())
     return float(np.mean(losses))
 
 
 @torch.no_grad()
-def _validate(accelerator, method: Method, config: Config, output: Path, step: int) -> None:
-    """Sample the validation prompts on the main process and save a grid; the others wait."""
+def _validate(accelerator, method: Method, config: Config, output: Path, step: int, engine: Engine, autocast) -> None:
+    """Sample the validation prompts on the main process and save a grid; the others wait (below
+    ZeRO-3 they first lend it their parts of the weights)."""
+    with engine.full_weights():
+        _sample_grid(accelerator, method, config, output, step, autocast)
+    accelerator.wait_for_everyone()
+
+
+def _sample_grid(accelerator, method: Method, config: Config, output: Path, step: int, autocast) -> None:
     from PIL import Image
 
     if accelerator.is_main_process:
@@ -375,7 +466,7 @@ def _validate(accelerator, method: Method, config: Config, output: Path, step: i
         if torch.cuda.is_available():  # hand the activations' cached blocks to sampling
             torch.cuda.empty_cache()
         images = []
-        with accelerator.autocast():
+        with autocast():
             for seed in vc.seeds:
                 images += method.generate(vc.prompts, seed, steps=vc.steps, guidance_scale=vc.guidance_scale,
                                           sampler=vc.sampler)

@@ -41,29 +41,37 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Lambda
 
 
 class EMA:
-    """Exponential moving average of parameters, kept in float32 beside them."""
+    """Exponential moving average of parameters, kept in float32 beside them. Below ZeRO-3 each
+    rank averages only its own partition of each parameter; `full_shadow` puts the averages
+    together (collective there: every rank calls it)."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        from .distributed import local
+
         self.params = list(params)
         self.decay = decay
-        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.shadow = [local(p).detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
+        from .distributed import local
+
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1 - self.decay)
+            s.lerp_(local(p).detach().float(), 1 - self.decay)
+
+    def full_shadow(self) -> list[torch.Tensor]:
+        """The averages as whole tensors, in parameter order."""
+        from .distributed import gather_partitions
+
+        return [gather_partitions(s, p) if hasattr(p, "ds_tensor") else s for s, p in zip(self.shadow, self.params)]
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+        """Whole tensors, whatever the partitioning: a checkpoint's ema.pt reads without DeepSpeed."""
+        return {"decay": self.decay, "shadow": [s.cpu() for s in self.full_shadow()]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params)]
+        from .distributed import partition_of
 
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchange the live weights and the averages (call twice to swap back)."""
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.copy_(s.to(p.dtype))
-            s.copy_(tmp.float())
+        self.decay = state["decay"]
+        self.shadow = [(partition_of(s, p) if hasattr(p, "ds_tensor") else s).float().to(p.device)
+                       for s, p in zip(state["shadow"], self.params, strict=True)]
