@@ -1,0 +1,198 @@
+"""DeepSpeed ZeRO under two CPU processes (gloo): the shipped accelerate configs train LoRA and
+full fine-tunes to what one process with twice the batch gives, resume exactly, write checkpoints
+and exports that load without DeepSpeed, and refuse at start what cannot work."""
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_
+from PIL import Image
+from safetensors.torch import load_file
+
+from ldmcore.checkpoints import Components
+from ldmcore.text import build_word_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "a red green blue circle square on white black background".split()
+# DeepSpeed reduces in its own buckets and order: equal to one process up to float32 rounding
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(config: str, processes: int = 2) -> tuple:
+    """`accelerate launch` with one of the shipped configs in configs/accelerate/."""
+    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", str(processes),
+            "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()), "-m", "trainers")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base model and four captioned pictures in one bucket; the cache is built once."""
+    root = tmp_path_factory.mktemp("ds_world")
+    parts = Components.from_preset("tiny", build_word_tokenizer(WORDS))
+    randomize_(parts.vae, seed=1, std=0.05)
+    randomize_(parts.unet, seed=2, std=0.05)
+    parts.save_pretrained(root / "model")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"p{i}.png")
+        (data / f"p{i}.txt").write_text(f"a {WORDS[1 + i % 3]} circle")
+    return root
+
+
+def run(world: Path, method: str, out: Path, *overrides: str, launch=(), expect=0):
+    cmd = [*launch] if launch else [sys.executable, "-m", "trainers"]
+    cmd += [str(ROOT / "configs" / "tiny" / f"{method}.yaml"), f"model.path={world / 'model'}",
+            f"data.path={world / 'data'}", f"data.cache.dir={world / 'cache'}", f"output_dir={out}", *overrides]
+    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True)
+    assert proc.returncode == expect, proc.stderr[-4000:]
+    return proc
+
+
+def trained(folder: Path) -> dict:
+    return load_file(folder / "trained.safetensors")
+
+
+def assert_same(actual: dict, expected: dict, exact=False):
+    assert actual.keys() == expected.keys()
+    for k in expected:
+        if exact:
+            assert torch.equal(actual[k], expected[k]), k
+        else:
+            torch.testing.assert_close(actual[k].float(), expected[k].float(), rtol=RTOL, atol=ATOL, msg=k)
+
+
+# Both methods: 4 steps; the LoRA with a cosine schedule and caption dropout, the full fine-tune with
+# an EMA (partitioned under ZeRO-3) and gradient accumulation.
+SETTINGS = {
+    "lora": ["train.max_steps=4", "train.checkpoint_every=2", "train.lr_scheduler=cosine", "train.warmup_steps=1",
+             "loss.caption_dropout=0.3"],
+    "full": ["train.max_steps=4", "train.checkpoint_every=2", "train.ema_decay=0.7", "train.learning_rate=1e-3",
+             "full.single_file=false"],
+}
+
+
+@pytest.fixture(scope="module")
+def one_process(world, tmp_path_factory):
+    """The reference: each method on one process with the batch of two processes together."""
+    outs = {}
+    for method, settings in SETTINGS.items():
+        outs[method] = tmp_path_factory.mktemp(f"one_{method}")
+        run(world, method, outs[method], *settings, "train.batch_size=4")
+    return outs
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_under_zero_equal_one_and_resume_exactly(world, one_process, tmp_path, method, stage):
+    out = tmp_path / "ds"
+    extra = ["validation.prompts=[a red circle]", "validation.steps=2", "validation.every=2"] if method == "lora" else []
+    run(world, method, out, *SETTINGS[method], "train.batch_size=2", *extra, launch=launcher(stage))
+    last = out / "checkpoints" / "step_00000004"
+    shards = sorted(p.name for p in (last / "deepspeed" / "state").glob("*optim_states.pt"))
+    assert len(shards) == 2, shards  # each rank wrote its own optimizer shard
+    ref = one_process[method]
+    assert_same(trained(last), trained(ref / "checkpoints" / "step_00000004"))
+
+    # the exports are plain files that load without DeepSpeed, equal to the one-process run's
+    if method == "lora":
+        assert (out / "samples" / "step_00000004.png").is_file()  # sampled on rank 0 while rank 1 waited
+        for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+            assert_same(load_file(out / name), load_file(ref / name))
+    else:
+        ema, ema_ref = torch.load(last / "ema.pt"), torch.load(ref / "checkpoints" / "step_00000004" / "ema.pt")
+        for a, b in zip(ema["shadow"], ema_ref["shadow"], strict=True):
+            assert a.shape == b.shape  # whole tensors, not one rank's partition
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+        for sub in ("unet", "unet_raw"):  # the EMA and the raw weights
+            weights = out / "model" / sub / "diffusion_pytorch_model.safetensors"
+            assert_same(load_file(weights), load_file(ref / "model" / sub / "diffusion_pytorch_model.safetensors"))
+        from diffusers import UNet2DConditionModel
+
+        UNet2DConditionModel.from_pretrained(out / "model", subfolder="unet")  # diffusers reads it as it is
+
+    # resume: the run stopped after its step-2 checkpoint and resumed ends where the whole run did
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    run(world, method, resumed, *SETTINGS[method], "train.batch_size=2", "train.resume=latest", launch=launcher(stage))
+    assert_same(trained(resumed / "checkpoints" / "step_00000004"), trained(last), exact=True)
+    if method == "full":
+        a, b = torch.load(resumed / "checkpoints" / "step_00000004" / "ema.pt"), torch.load(last / "ema.pt")
+        assert all(torch.equal(x, y) for x, y in zip(a["shadow"], b["shadow"], strict=True))
+
+
+def test_a_checkpoint_resumes_only_under_the_setup_that_wrote_it(world, one_process, tmp_path):
+    out = tmp_path / "plain"
+    shutil.copytree(one_process["lora"] / "checkpoints" / "step_00000002", out / "checkpoints" / "step_00000002")
+    proc = run(world, "lora", out, *SETTINGS["lora"], "train.batch_size=2", "train.resume=latest",
+               launch=launcher("zero2", processes=1), expect=1)
+    assert "was written without DeepSpeed; resume it with the accelerate config that wrote it" in proc.stderr
+
+
+def test_eight_bit_adamw_trains_under_zero2_with_its_state_in_eight_bits(world, tmp_path):
+    out = tmp_path / "bnb"
+    run(world, "lora", out, "train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2",
+        "train.optimizer.name=adamw8bit", "lora.targets=all", "lora.rank=64", "lora.alpha=64",
+        launch=launcher("zero2"))
+    shard = torch.load(out / "checkpoints" / "step_00000002" / "deepspeed" / "state" /
+                       "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+
+    def tensors(tree):
+        if isinstance(tree, dict):
+            for v in tree.values():
+                yield from tensors(v)
+        elif isinstance(tree, (list, tuple)):
+            for v in tree:
+                yield from tensors(v)
+        elif torch.is_tensor(tree):
+            yield tree
+
+    assert any(t.dtype == torch.uint8 for t in tensors(shard))  # the shard holds 8-bit optimizer state
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trained(out / "checkpoints" / "step_00000002").items())
+
+
+def test_eight_bit_optimizer_with_offload_is_refused_before_training(world, tmp_path):
+    out = tmp_path / "refused"
+    proc = run(world, "lora", out, "train.max_steps=2", "train.optimizer.name=adamw8bit",
+               launch=launcher("zero2_offload"), expect=1)
+    assert "stopped: train.optimizer.name=adamw8bit cannot run with the optimizer offloaded" in proc.stderr
+    assert "train.optimizer.name=adamw" in proc.stderr and "zero2.yaml" in proc.stderr
+    assert not (out / "checkpoints").exists()  # refused before any step
+
+
+def test_offloaded_adamw_trains_like_adamw(world, one_process, tmp_path):
+    out = tmp_path / "offload"
+    run(world, "full", out, *SETTINGS["full"], "train.batch_size=2", launch=launcher("zero2_offload"))
+    assert_same(trained(out / "checkpoints" / "step_00000004"),
+                trained(one_process["full"] / "checkpoints" / "step_00000004"))
+
+
+def test_the_deepspeed_config_is_filled_from_the_training_config_and_conflicts_are_named():
+    from trainers.config import TrainConfig
+    from trainers.distributed import DeepSpeedConfigError, check_optimizer, fill_deepspeed_config
+
+    tc = TrainConfig(max_steps=1, batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5)
+    ds = fill_deepspeed_config({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}, tc, 4)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"],
+            ds["train_batch_size"]) == (3, 2, 0.5, 24)
+    with pytest.raises(DeepSpeedConfigError, match="gradient_accumulation_steps=8 but train.gradient_accumulation_steps"):
+        fill_deepspeed_config({"gradient_accumulation_steps": 8}, tc, 1)
+    with pytest.raises(DeepSpeedConfigError, match="remove it"):
+        check_optimizer(tc, {"optimizer": {"type": "Adam"}})
+    check_optimizer(TrainConfig(max_steps=1, optimizer={"name": "lion8bit"}), {"zero_optimization": {"stage": 3}})
+    with pytest.raises(DeepSpeedConfigError, match="lion8bit cannot run with the optimizer offloaded"):
+        check_optimizer(TrainConfig(max_steps=1, optimizer={"name": "lion8bit"}),
+                        {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
