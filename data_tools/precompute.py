@@ -225,6 +225,10 @@ def precompute(
         (cache_dir / store).mkdir(parents=True, exist_ok=True)
     plan, jobs, captions = plan_cache(manifest, cfg, fingerprint(vae), fingerprint(prompt_encoder.text_encoder))
     have = {store: build_index(cache_dir / store) for store in STORES}
+    if barrier is not None:
+        # reading the index removes a dead run's .partial files: every rank must be past that
+        # before any rank starts writing its own (a late rank deleted an early rank's shard)
+        barrier()
 
     def missing(job: _ImageJob) -> bool:
         return (job.latent not in have["latents"] or any(k not in have["inpaint"] for k in job.inpaint)

@@ -7,8 +7,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # oversubscribed OpenMP threads made each of them several times slower
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import socket  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # One thread: tiny models gain nothing from two, and on a shared 2-core machine thread contention
 # made small ops ~100x slower.
@@ -33,3 +39,17 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torc
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launcher(config: str = "multi", processes: int = 2) -> tuple:
+    """`accelerate launch -m trainers` with one of the shipped configs in configs/accelerate/ (multi:
+    data parallel; zero2, zero2_offload, zero3: DeepSpeed), one thread per process, a free port."""
+    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", str(processes),
+            "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()), "-m", "trainers")

@@ -2,7 +2,6 @@
 full fine-tunes to what one process with twice the batch gives, resume exactly, write checkpoints
 and exports that load without DeepSpeed, and refuse at start what cannot work."""
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import accelerate_launcher as launcher
 from conftest import randomize_
 from PIL import Image
 from safetensors.torch import load_file
@@ -21,19 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 WORDS = "a red green blue circle square on white black background".split()
 # DeepSpeed reduces in its own buckets and order: equal to one process up to float32 rounding
 RTOL, ATOL = 1e-4, 1e-6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher(config: str, processes: int = 2) -> tuple:
-    """`accelerate launch` with one of the shipped configs in configs/accelerate/."""
-    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", str(processes),
-            "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()), "-m", "trainers")
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +119,18 @@ def test_two_processes_under_zero_equal_one_and_resume_exactly(world, one_proces
     if method == "full":
         a, b = torch.load(resumed / "checkpoints" / "step_00000004" / "ema.pt"), torch.load(last / "ema.pt")
         assert all(torch.equal(x, y) for x, y in zip(a["shadow"], b["shadow"], strict=True))
+
+
+def test_a_lora_that_also_trains_the_text_encoder_runs_under_zero3(world, one_process, tmp_path):
+    """Two trained modules: DeepSpeed wraps them in one container and the methods call each."""
+    te = ["train.max_steps=2", "train.checkpoint_every=2", "lora.text_encoder=true", "loss.caption_dropout=0.5"]
+    ref = tmp_path / "one"
+    run(world, "lora", ref, *te, "train.batch_size=4")
+    out = tmp_path / "ds"
+    run(world, "lora", out, *te, "train.batch_size=2", launch=launcher("zero3"))
+    weights = trained(out / "checkpoints" / "step_00000002")
+    assert any(k.startswith("text_encoder.") and "lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+    assert_same(weights, trained(ref / "checkpoints" / "step_00000002"))
 
 
 def test_a_checkpoint_resumes_only_under_the_setup_that_wrote_it(world, one_process, tmp_path):

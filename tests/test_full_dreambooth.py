@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, rel_err
+from conftest import accelerate_launcher, randomize_, rel_err
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -83,15 +83,6 @@ def _stop_after(out: Path, step: int):
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     return (sys.executable, "-c", code)
-
-
-def _free_port() -> int:
-    """A port for the process group: the default one may be taken by another test run on the machine."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_resume_matches(world, tmp_path, method, *common, fresh_class_folders=False) -> Path:
@@ -283,15 +274,14 @@ def test_dreambooth_lora_draws_class_images_with_the_base_and_resumes_exactly(wo
         assert unet_sd and text_sd and meta["user"]["ldm_tune.method"] == "dreambooth", name
 
 
-def test_dreambooth_full_under_two_processes_draws_class_images_once_and_exports_the_model(world, tmp_path):
+@pytest.mark.parametrize("setup", ["multi", "zero3"])
+def test_dreambooth_full_under_two_processes_draws_class_images_once_and_exports_the_model(world, tmp_path, setup):
     from data_tools.class_images import class_image_name
 
     out, classes = tmp_path / "two", tmp_path / "classes"
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()), "-m", "trainers")
     run(world, out, "dreambooth", "dreambooth.train=full", "train.max_steps=2", "train.checkpoint_every=2",
         "train.batch_size=1", "dreambooth.num_class_images=3", "dreambooth.class_steps=3",
-        "dreambooth.class_batch_size=2", f"data.class_path={classes}", launcher=launcher)
+        "dreambooth.class_batch_size=2", f"data.class_path={classes}", launcher=accelerate_launcher(setup))
     assert (out / "checkpoints" / "step_00000002" / "rng_1.pt").is_file()  # two ranks trained
     assert sorted(p.name for p in classes.iterdir()) == [class_image_name(i) for i in range(3)]  # no stray .partial
     assert (out / "model" / "model_index.json").is_file() and (out / "model.safetensors").is_file()

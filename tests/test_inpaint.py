@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, rel_err
+from conftest import accelerate_launcher, randomize_, rel_err
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -183,16 +183,16 @@ def test_full_masks_give_what_the_cache_holds_for_a_full_mask(world, tmp_path):
     assert torch.equal(cached, inpainting_input(noisy, torch.ones(1, 1, 16, 16), parts.vae.scale(blank)[None]))
 
 
-def test_two_processes_train_and_export_what_diffusers_loads(world, tmp_path):
+@pytest.mark.parametrize("setup", ["multi", "zero3"])
+def test_two_processes_train_and_export_what_diffusers_loads(world, tmp_path, setup):
+    """Data parallel, and DeepSpeed ZeRO-3 (the 9-channel U-Net sharded, gathered for sampling and export)."""
     import diffusers
 
     from trainers.full import export_checkpoint
 
     out = tmp_path / "run"
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_cpu_threads_per_process", "1", "-m", "trainers")
     run(world, out, "train.max_steps=2", "train.checkpoint_every=2", "validation.prompts=[a red circle]",
-        "validation.steps=2", launcher=launcher)
+        "validation.steps=2", launcher=accelerate_launcher(setup))
     ckpt = out / "checkpoints" / "step_00000002"
     assert (ckpt / "rng_1.pt").is_file() and (out / "samples" / "step_00000002.png").is_file()
 

@@ -17,7 +17,8 @@ config under DeepSpeed ZeRO. The loop asks this module for four things:
 
 ZeRO-3 partitions every parameter of the prepared module, frozen ones included, so a LoRA's base
 U-Net is spread over the ranks too. Under DeepSpeed the prepared module is one: the trained
-modules go in one `TrainedModules` container (a LoRA that also trains the text encoder has two).
+modules go in one `TrainedModules` container (a LoRA that also trains the text encoder has two),
+and the methods get a `ModuleCall` for each.
 """
 from __future__ import annotations
 
@@ -148,11 +149,25 @@ def make_offload_optimizer(params, tc: TrainConfig) -> torch.optim.Optimizer:
 
 
 class TrainedModules(nn.ModuleDict):
-    """The trained modules as the one model a DeepSpeed engine wraps. Nothing calls it: the loop
-    hands the methods its children, whose own hooks do what ZeRO needs."""
+    """The trained modules as the one model a DeepSpeed engine wraps; `engine(name, ...)` calls
+    module `name`, so every call goes through the engine (ZeRO-3 gathers what the call needs)."""
 
-    def forward(self, *args, **kwargs):  # pragma: no cover - never called
-        raise RuntimeError("TrainedModules is a container; call its modules")
+    def forward(self, name: str, *args, **kwargs):
+        return self[name](*args, **kwargs)
+
+
+class ModuleCall:
+    """Module `name` of a DeepSpeed-wrapped `TrainedModules`, as the methods use a module: calling
+    it goes through the engine; anything else (parameters(), config) is the module's own."""
+
+    def __init__(self, engine, name: str):
+        self._engine, self._name = engine, name
+
+    def __call__(self, *args, **kwargs):
+        return self._engine(self._name, *args, **kwargs)
+
+    def __getattr__(self, attr):
+        return getattr(self._engine.module[self._name], attr)
 
 
 def local(p: torch.Tensor) -> torch.Tensor:
@@ -188,6 +203,7 @@ class Engine:
     def __init__(self, engine=None):
         self.engine = engine
         self.stage = int(engine.zero_optimization_stage()) if engine is not None else 0
+
 
     @property
     def active(self) -> bool:
@@ -256,3 +272,4 @@ class Engine:
                 yield
             finally:
                 offload.setup_zero_stage3_hooks()
+

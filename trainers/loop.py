@@ -27,7 +27,7 @@ from data_tools.store import fingerprint
 from ldmcore.checkpoints import Components, load_components
 
 from .config import Config
-from .distributed import Engine, TrainedModules, make_accelerator, make_offload_optimizer, offloads_optimizer
+from .distributed import Engine, ModuleCall, TrainedModules, make_accelerator, make_offload_optimizer, offloads_optimizer
 from .method import Method, diffusion_loss  # noqa: F401  (diffusion_loss: re-exported for bench/)
 
 log = logging.getLogger(__name__)
@@ -183,12 +183,12 @@ def train(config: Config) -> Path:
         prepared = accelerator.prepare(*trained.values(), optimizer)
         models, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
         engine = Engine(None)
-    else:  # DeepSpeed wraps one model: several trained modules go in one container, called one by one
+    else:  # DeepSpeed wraps one model: several trained modules go in one container, called through it
         single = len(trained) == 1
         wrapped, optimizer = accelerator.prepare(next(iter(trained.values())) if single else TrainedModules(trained),
                                                  optimizer)
         engine = Engine(wrapped)
-        models = {next(iter(trained)): wrapped} if single else dict(wrapped.module.items())
+        models = {next(iter(trained)): wrapped} if single else {name: ModuleCall(wrapped, name) for name in trained}
     # built on the optimizer that holds the learning rate in use (DeepSpeed's inner one); stepped by
     # us once per optimizer step, on every rank
     scheduler = make_scheduler(engine.base_optimizer(optimizer), tc)
