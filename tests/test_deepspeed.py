@@ -141,13 +141,16 @@ def test_a_checkpoint_resumes_only_under_the_setup_that_wrote_it(world, one_proc
     assert "was written without DeepSpeed; resume it with the accelerate config that wrote it" in proc.stderr
 
 
-def test_eight_bit_adamw_trains_under_zero2_with_its_state_in_eight_bits(world, tmp_path):
+def test_eight_bit_adamw_and_bf16_train_under_zero2_with_state_in_eight_bits(world, tmp_path):
     out = tmp_path / "bnb"
     run(world, "lora", out, "train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2",
         "train.optimizer.name=adamw8bit", "lora.targets=all", "lora.rank=64", "lora.alpha=64",
-        launch=launcher("zero2"))
-    shard = torch.load(out / "checkpoints" / "step_00000002" / "deepspeed" / "state" /
-                       "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+        "train.mixed_precision=bf16", launch=launcher("zero2"))
+    # DeepSpeed keeps the module in bf16 and the float32 masters in the optimizer: checkpoints hold those
+    assert all(v.dtype == torch.float32 for v in trained(out / "checkpoints" / "step_00000002").values())
+    shards = sorted((out / "checkpoints" / "step_00000002" / "deepspeed" / "state").glob("*zero_pp_rank_0_*optim_states.pt"))
+    assert len(shards) == 1, shards
+    shard = torch.load(shards[0], weights_only=False)
 
     def tensors(tree):
         if isinstance(tree, dict):
@@ -161,6 +164,16 @@ def test_eight_bit_adamw_trains_under_zero2_with_its_state_in_eight_bits(world, 
 
     assert any(t.dtype == torch.uint8 for t in tensors(shard))  # the shard holds 8-bit optimizer state
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trained(out / "checkpoints" / "step_00000002").items())
+
+
+def test_non_finite_losses_stop_a_zero2_run_and_keep_the_last_good_checkpoint(world, tmp_path):
+    out = tmp_path / "nan"
+    proc = run(world, "lora", out, "train.learning_rate=1e30", "train.max_grad_norm=null", "train.max_steps=50",
+               "train.checkpoint_every=1", "train.max_nonfinite_steps=3", "train.batch_size=2",
+               launch=launcher("zero2"), expect=1)
+    assert "non-finite loss" in proc.stderr and "last good checkpoint" in proc.stderr
+    kept = sorted((out / "checkpoints").glob("step_*"))
+    assert kept and all(torch.isfinite(t).all() for t in trained(kept[0]).values())
 
 
 def test_eight_bit_optimizer_with_offload_is_refused_before_training(world, tmp_path):
