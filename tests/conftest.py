@@ -53,3 +53,28 @@ def accelerate_launcher(config: str = "multi", processes: int = 2) -> tuple:
     return (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", str(processes),
             "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()), "-m", "trainers")
+
+
+TRAIN_WORDS = "a red green blue circle square on white black background".split()
+
+
+def build_training_world(root: Path) -> Path:
+    """A tiny base model folder (root/model) and four captioned 64x64 noise pictures (root/data):
+    what the trainer tests run on."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmcore.checkpoints import Components
+    from ldmcore.text import build_word_tokenizer
+
+    parts = Components.from_preset("tiny", build_word_tokenizer(TRAIN_WORDS))
+    randomize_(parts.vae, seed=1, std=0.05)
+    randomize_(parts.unet, seed=2, std=0.05)
+    parts.save_pretrained(root / "model")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"p{i}.png")
+        (data / f"p{i}.txt").write_text(f"a {TRAIN_WORDS[1 + i % 3]} circle")
+    return root

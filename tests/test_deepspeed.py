@@ -6,38 +6,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import accelerate_launcher as launcher
-from conftest import randomize_
-from PIL import Image
+from conftest import build_training_world
 from safetensors.torch import load_file
 
-from ldmcore.checkpoints import Components
-from ldmcore.text import build_word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "a red green blue circle square on white black background".split()
 # DeepSpeed reduces in its own buckets and order: equal to one process up to float32 rounding
 RTOL, ATOL = 1e-4, 1e-6
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny base model and four captioned pictures in one bucket; the cache is built once."""
-    root = tmp_path_factory.mktemp("ds_world")
-    parts = Components.from_preset("tiny", build_word_tokenizer(WORDS))
-    randomize_(parts.vae, seed=1, std=0.05)
-    randomize_(parts.unet, seed=2, std=0.05)
-    parts.save_pretrained(root / "model")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"p{i}.png")
-        (data / f"p{i}.txt").write_text(f"a {WORDS[1 + i % 3]} circle")
-    return root
+    return build_training_world(tmp_path_factory.mktemp("ds_world"))
 
 
 def run(world: Path, method: str, out: Path, *overrides: str, launch=(), expect=0):

@@ -8,32 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_
-from PIL import Image
+from conftest import build_training_world
 from safetensors.torch import load_file
 
-from ldmcore.checkpoints import Components
-from ldmcore.text import build_word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "a red green blue circle square on white black background".split()
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny base model folder and a small captioned dataset, one bucket (64x64)."""
-    root = tmp_path_factory.mktemp("world")
-    parts = Components.from_preset("tiny", build_word_tokenizer(WORDS))
-    randomize_(parts.vae, seed=1, std=0.05)
-    randomize_(parts.unet, seed=2, std=0.05)
-    parts.save_pretrained(root / "model")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"p{i}.png")
-        (data / f"p{i}.txt").write_text(f"a {WORDS[1 + i % 3]} circle")
-    return root
+    return build_training_world(tmp_path_factory.mktemp("world"))
 
 
 def run(world: Path, out: Path, *overrides: str, launcher=(), expect=0):
