@@ -185,9 +185,28 @@ def test_the_deepspeed_config_is_filled_from_the_training_config_and_conflicts_a
             ds["train_batch_size"]) == (3, 2, 0.5, 24)
     with pytest.raises(DeepSpeedConfigError, match="gradient_accumulation_steps=8 but train.gradient_accumulation_steps"):
         fill_deepspeed_config({"gradient_accumulation_steps": 8}, tc, 1)
+    with pytest.raises(DeepSpeedConfigError, match="enables bf16 but train.mixed_precision=no"):
+        fill_deepspeed_config({"bf16": {"enabled": True}}, tc, 1)
     with pytest.raises(DeepSpeedConfigError, match="remove it"):
         check_optimizer(tc, {"optimizer": {"type": "Adam"}})
     check_optimizer(TrainConfig(max_steps=1, optimizer={"name": "lion8bit"}), {"zero_optimization": {"stage": 3}})
     with pytest.raises(DeepSpeedConfigError, match="lion8bit cannot run with the optimizer offloaded"):
         check_optimizer(TrainConfig(max_steps=1, optimizer={"name": "lion8bit"}),
                         {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
+
+
+def test_an_accumulation_count_in_the_accelerate_config_must_match_the_training_config(monkeypatch):
+    from trainers.config import TrainConfig
+    from trainers.distributed import DeepSpeedConfigError, _check_accumulation_env
+
+    tc = TrainConfig(max_steps=1, gradient_accumulation_steps=2)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(DeepSpeedConfigError, match="gradient_accumulation_steps=4 but the training config has"):
+        _check_accumulation_env(tc)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    _check_accumulation_env(tc)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
+    _check_accumulation_env(tc)  # "auto" is dropped, so accelerate takes ours
+    import os
+
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in os.environ

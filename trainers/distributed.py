@@ -12,8 +12,8 @@ config under DeepSpeed ZeRO. The loop asks this module for four things:
   loads its sharded state, reads the trained weights as plain float32 tensors, and lends every
   rank the whole model for a moment (`full_weights`), which ZeRO-3 needs before one rank can
   sample or export;
-- `local`: the part of a parameter this rank holds (the whole parameter below ZeRO-3), which the
-  EMA averages.
+- `local`, `gather_partitions`, `partition_of`: a parameter's part on this rank under ZeRO-3 (the
+  whole parameter otherwise), and back and forth between parts and whole tensors, for the EMA.
 
 ZeRO-3 partitions every parameter of the prepared module, frozen ones included, so a LoRA's base
 U-Net is spread over the ranks too. Under DeepSpeed the prepared module is one: the trained
@@ -49,13 +49,12 @@ def make_accelerator(tc: TrainConfig, logging_dir: Path):
 
     kwargs = dict(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation_steps,
                   log_with="tensorboard", project_dir=str(logging_dir))
+    _check_accumulation_env(tc)
     if not using_deepspeed():
-        _check_accumulation_env(tc)
         return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
 
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    _check_accumulation_env(tc)
     plugin = DeepSpeedPlugin()
     fill_deepspeed_config(plugin.deepspeed_config, tc, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     check_optimizer(tc, plugin.deepspeed_config)
@@ -108,11 +107,13 @@ def fill_deepspeed_config(ds: dict, tc: TrainConfig, world_size: int) -> dict:
                 f"the DeepSpeed config sets {key}={given} but {source} gives {value}; set {key} to \"auto\" in "
                 "the DeepSpeed config (the training config then decides) or make the two equal")
         ds[key] = value
+    for precision in ("fp16", "bf16"):
+        enabled = str(ds.get(precision, {}).get("enabled", "auto")).lower()
+        if enabled == "true" and tc.mixed_precision != precision:
+            raise DeepSpeedConfigError(
+                f"the DeepSpeed config enables {precision} but train.mixed_precision={tc.mixed_precision}; set "
+                f"train.mixed_precision={precision}, or \"enabled\": \"auto\" in the DeepSpeed config")
     return ds
-
-
-def zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def offloads_optimizer(ds: dict) -> bool:
