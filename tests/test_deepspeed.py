@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO under two CPU processes (gloo): the shipped accelerate configs train LoRA and
 full fine-tunes to what one process with twice the batch gives, resume exactly, write checkpoints
 and exports that load without DeepSpeed, and refuse at start what cannot work."""
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,6 @@ import torch
 from conftest import accelerate_launcher as launcher
 from conftest import build_training_world
 from safetensors.torch import load_file
-
 
 ROOT = Path(__file__).resolve().parent.parent
 # DeepSpeed reduces in its own buckets and order: equal to one process up to float32 rounding
@@ -207,6 +207,4 @@ def test_an_accumulation_count_in_the_accelerate_config_must_match_the_training_
     _check_accumulation_env(tc)
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
     _check_accumulation_env(tc)  # "auto" is dropped, so accelerate takes ours
-    import os
-
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in os.environ
