@@ -177,7 +177,7 @@ def test_offloaded_adamw_trains_like_adamw(world, one_process, tmp_path):
 
 def test_the_deepspeed_config_is_filled_from_the_training_config_and_conflicts_are_named():
     from trainers.config import TrainConfig
-    from trainers.distributed import DeepSpeedConfigError, check_optimizer, fill_deepspeed_config
+    from trainers.distributed import DeepSpeedConfigError, check_optimizer, fill_deepspeed_config, fill_zero_buffers
 
     tc = TrainConfig(max_steps=1, batch_size=3, gradient_accumulation_steps=2, max_grad_norm=0.5)
     ds = fill_deepspeed_config({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}, tc, 4)
@@ -185,6 +185,8 @@ def test_the_deepspeed_config_is_filled_from_the_training_config_and_conflicts_a
             ds["train_batch_size"]) == (3, 2, 0.5, 24)
     with pytest.raises(DeepSpeedConfigError, match="gradient_accumulation_steps=8 but train.gradient_accumulation_steps"):
         fill_deepspeed_config({"gradient_accumulation_steps": 8}, tc, 1)
+    zero = fill_zero_buffers({"zero_optimization": {"stage": 3, "reduce_bucket_size": 123}})["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 123 and zero["stage3_max_live_parameters"] == 10**8  # given ones are kept
     with pytest.raises(DeepSpeedConfigError, match="enables bf16 but train.mixed_precision=no"):
         fill_deepspeed_config({"bf16": {"enabled": True}}, tc, 1)
     with pytest.raises(DeepSpeedConfigError, match="remove it"):

@@ -92,6 +92,13 @@ def test_config_errors_name_the_key(world, tmp_path):
     assert "Traceback" not in typo.stderr + wrong.stderr
 
 
+def test_a_bare_no_on_the_command_line_is_no_mixed_precision():
+    from trainers.config import read_config
+
+    config = read_config(ROOT / "configs" / "tiny" / "lora.yaml", ["train.mixed_precision=no", "output_dir=x"])
+    assert config.train.mixed_precision == "no"  # YAML reads a bare `no` as false
+
+
 def test_non_finite_losses_stop_the_run_and_keep_the_checkpoint(world, tmp_path):
     out = tmp_path / "nan"
     proc = run(world, out, "train.learning_rate=1e30", "train.max_grad_norm=null", "train.max_steps=50",

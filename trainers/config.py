@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Literal, Optional, Sequence, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data_tools.config import DataConfig
 from data_tools.schema import Strict, load_config
@@ -52,6 +52,11 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
     max_nonfinite_steps: int = Field(10, ge=1)  # stop after this many non-finite losses in a row
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
 
 class LossConfig(Strict):

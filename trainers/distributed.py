@@ -57,6 +57,7 @@ def make_accelerator(tc: TrainConfig, logging_dir: Path):
 
     plugin = DeepSpeedPlugin()
     fill_deepspeed_config(plugin.deepspeed_config, tc, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    fill_zero_buffers(plugin.deepspeed_config)
     check_optimizer(tc, plugin.deepspeed_config)
     if tc.optimizer.name == "adamw" and offloads_optimizer(plugin.deepspeed_config):
         # we build DeepSpeedCPUAdam ourselves (with our betas and eps); accelerate must not swap it
@@ -113,6 +114,28 @@ def fill_deepspeed_config(ds: dict, tc: TrainConfig, world_size: int) -> dict:
             raise DeepSpeedConfigError(
                 f"the DeepSpeed config enables {precision} but train.mixed_precision={tc.mixed_precision}; set "
                 f"train.mixed_precision={precision}, or \"enabled\": \"auto\" in the DeepSpeed config")
+    return ds
+
+
+#: ZeRO buffer sizes (elements) where the DeepSpeed config leaves them out. DeepSpeed's own defaults
+#: (5e8-element gradient buckets, 1e9 parameters kept gathered under ZeRO-3) are sized for models
+#: ten times a U-Net's: a 5e8 bucket alone is 0.93 GiB per rank in bf16, more than a LoRA's whole
+#: state, and 1e9 live parameters keep all of an SD U-Net gathered, so ZeRO-3 would save nothing.
+ZERO_BUFFERS = {
+    "reduce_bucket_size": 5e7,
+    "allgather_bucket_size": 5e7,
+    "stage3_prefetch_bucket_size": 5e7,
+    "stage3_param_persistence_threshold": 1e5,
+    "stage3_max_live_parameters": 1e8,
+    "stage3_max_reuse_distance": 1e8,
+}
+
+
+def fill_zero_buffers(ds: dict) -> dict:
+    zero = ds.setdefault("zero_optimization", {})
+    for key, value in ZERO_BUFFERS.items():
+        if zero.get(key, "auto") == "auto":
+            zero[key] = int(value)
     return ds
 
 

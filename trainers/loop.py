@@ -221,6 +221,9 @@ def train(config: Config) -> Path:
     bar = tqdm(total=tc.max_steps, initial=step, desc="training", unit="step", disable=not main)
     window_bad, last, phase = False, time.perf_counter(), 0
     step_times: list[float] = []
+    if torch.cuda.is_available():  # the peak of the steps, not of loading and building the cache
+        torch.cuda.reset_peak_memory_stats()
+    step_peak = 0.0
     while step < tc.max_steps:
         # the cache stores fp16; steps compute in float32 and autocast lowers what mixed precision may
         batch = {k: (v.to(device, torch.float32) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
@@ -274,6 +277,7 @@ def train(config: Config) -> Path:
                 scalars["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             accelerator.log(scalars, step=step)
         step_times.append(now - last)
+        step_peak = max(step_peak, peak_memory_gib())  # before checkpoints and validation add theirs
         last = now
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler,
@@ -286,7 +290,7 @@ def train(config: Config) -> Path:
         ):
             _validate(accelerator, method, config, output, step, engine, autocast)
     bar.close()
-    _write_run_stats(accelerator, output, step_times, engine)
+    _write_run_stats(accelerator, output, step_times, step_peak, engine)
 
     accelerator.wait_for_everyone()
     averages = ema.full_shadow() if ema is not None else None  # collective below ZeRO-3
@@ -308,9 +312,11 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
-def _write_run_stats(accelerator, output: Path, step_times: list[float], engine: Engine) -> None:
-    """output_dir/run_stats.json: step time and every process's peak memory, for the user and bench/."""
-    peaks = accelerator.gather(torch.tensor([peak_memory_gib()], device=accelerator.device)).tolist()
+def _write_run_stats(accelerator, output: Path, step_times: list[float], step_peak: float, engine: Engine) -> None:
+    """output_dir/run_stats.json: step time and every process's peak memory over the training steps
+    (on a GPU; a CPU's peak resident set cannot be reset, so there it includes loading), for the
+    user and bench/."""
+    peaks = accelerator.gather(torch.tensor([step_peak], device=accelerator.device)).tolist()
     if not accelerator.is_main_process:
         return
     timed = step_times[1:] or step_times  # the first step pays for warm-up
