@@ -190,7 +190,8 @@ def run_prediction(arch: Arch, method: Method, rank: int, setup: Setup, act_gib:
     cpu = not torch.cuda.is_available()
     device, host = predict_gib(arch, method, rank, setup, act_gib, cpu)
     # trainers/loop.py loads the U-Net first, in float32, through ldmcore's from_pretrained, which
-    # holds it twice for a moment: the state dict read from disk and the module it is copied into
+    # counts it twice in the resident set for a moment: the module, and the pages of the weights file
+    # that safetensors maps and the copy reads (page cache, reclaimable, but counted by ru_maxrss)
     load = PROCESS_GIB + 2 * 4 * arch.unet / GIB
     if cpu:
         steps = PROCESS_GIB + device + host
@@ -548,9 +549,10 @@ CPU_NOTES = [
      "resident set every 0.2 s during the steps only. On a CPU, 'offload' moves state within the same memory."),
 ]
 NOTES = [
-    ("Loading holds the U-Net twice in float32 for a moment (ldmcore's from_pretrained reads the state dict, "
-     "then copies it into the module): 8 B per U-Net parameter of host memory per process at start, on a GPU "
-     "machine too (SD 1.5: 6.4 GiB; SDXL: 19 GiB)."),
+    ("Loading counts the U-Net twice in the resident set for a moment (8 B per U-Net parameter), but only "
+     "once in memory: ldmcore's from_pretrained copies the weights file, which safetensors maps, into the "
+     "module, and the mapped pages are the file's page cache, which the kernel can reclaim (SD 1.5, measured "
+     "at that moment: 3.38 GiB anonymous, 3.28 GiB file-backed)."),
     ("The prediction is a model, not a measurement on a GPU: weights, gradients and optimizer state as "
      "bench/scaling.py's state_bytes counts them, plus the activations of part 1. ZeRO's buffers are "
      f"counted as the trainer sets them (trainers.distributed.ZERO_BUFFERS): a gradient bucket of "
