@@ -262,18 +262,20 @@ class Engine:
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load its state from {path}")
 
-    def trained_state(self, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        """The trained weights as whole float32 tensors (DeepSpeed's master copies under mixed
-        precision). Collective under DeepSpeed: every rank calls it, in the same order."""
+    def trained_state(self, named: dict[str, nn.Parameter], keep: bool) -> dict[str, torch.Tensor] | None:
+        """The trained weights as whole float32 tensors on the CPU (DeepSpeed's master copies under
+        mixed precision), for the rank with `keep` (None for the others). Collective under
+        DeepSpeed: every rank calls it, in the same order."""
         if self.engine is None:
-            return {k: p.detach() for k, p in named.items()}
+            return {k: p.detach().contiguous().cpu() for k, p in named.items()} if keep else None
         from deepspeed.utils import safe_get_full_fp32_param
 
         out = {}
         for k, p in named.items():
-            full = safe_get_full_fp32_param(p)
-            out[k] = (full if full is not None else p.detach()).float().cpu()
-        return out
+            full = safe_get_full_fp32_param(p)  # every rank takes part; one keeps the result
+            if keep:
+                out[k] = (full if full is not None else p.detach()).float().contiguous().cpu()
+        return out if keep else None
 
     @contextlib.contextmanager
     def full_weights(self):

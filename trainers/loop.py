@@ -369,21 +369,23 @@ def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimiz
     the same with or without DeepSpeed."""
     from safetensors.torch import save_file
 
+    main = accelerator.is_main_process
     folder = output / CHECKPOINTS
     tmp = folder / f".tmp_step_{step:08d}"
-    if accelerator.is_main_process:
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     if engine.active:
         engine.save(tmp)
-    # collective under DeepSpeed: every rank takes part in putting the weights together
-    state = {k: v.contiguous().cpu() for k, v in engine.trained_state(method.trained_parameters()).items()}
-    ema_state = ema.state_dict() if ema is not None else None
+    # collective under DeepSpeed (and the EMA under ZeRO-3): every rank takes part in putting the
+    # weights together; only the main process keeps a copy
+    state = engine.trained_state(method.trained_parameters(), keep=main)
+    ema_state = ema.state_dict() if ema is not None and (main or engine.sharded_params) else None
     accelerator.wait_for_everyone()
     with engine.full_weights():
-        if accelerator.is_main_process:
+        if main:
             save_file(state, str(tmp / "trained.safetensors"))
             if not engine.active:  # DeepSpeed's optimizer state is in its shards
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -392,7 +394,7 @@ def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimiz
                 torch.save(ema_state, tmp / "ema.pt")
             method.export(tmp, metadata)
         accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if main:
         counters = {"step": step, "skipped": skipped, "streak": streak, "sampler": sampler.state_dict(),
                     "world_size": accelerator.num_processes, "deepspeed": engine.active}
         (tmp / "state.json").write_text(json.dumps(counters))  # written last: marks the folder complete
