@@ -124,12 +124,13 @@ def test_a_checkpoint_resumes_only_under_the_setup_that_wrote_it(world, one_proc
     assert "was written without DeepSpeed; resume it with the accelerate config that wrote it" in proc.stderr
 
 
-def test_eight_bit_adamw_and_bf16_train_under_zero2_with_state_in_eight_bits(world, tmp_path):
+@pytest.mark.parametrize("optimizer, stage, precision", [("adamw8bit", "zero2", "bf16"), ("lion8bit", "zero3", "no")])
+def test_eight_bit_optimizers_train_under_zero_with_state_in_eight_bits(world, tmp_path, optimizer, stage, precision):
     out = tmp_path / "bnb"
     run(world, "lora", out, "train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2",
-        "train.optimizer.name=adamw8bit", "lora.targets=all", "lora.rank=64", "lora.alpha=64",
-        "train.mixed_precision=bf16", launch=launcher("zero2"))
-    # DeepSpeed keeps the module in bf16 and the float32 masters in the optimizer: checkpoints hold those
+        f"train.optimizer.name={optimizer}", "lora.targets=all", "lora.rank=64", "lora.alpha=64",
+        f"train.mixed_precision={precision}", launch=launcher(stage))
+    # under bf16 DeepSpeed keeps the module in bf16 and the float32 masters in the optimizer: checkpoints hold those
     assert all(v.dtype == torch.float32 for v in trained(out / "checkpoints" / "step_00000002").values())
     shards = sorted((out / "checkpoints" / "step_00000002" / "deepspeed" / "state").glob("*zero_pp_rank_0_*optim_states.pt"))
     assert len(shards) == 1, shards
