@@ -1,11 +1,13 @@
 """What the loop needs to know about DeepSpeed, kept out of the loop.
 
 `accelerate launch --config_file configs/accelerate/zero2.yaml -m trainers CONFIG` runs the same
-config under DeepSpeed ZeRO. The loop asks this module for four things:
+config under DeepSpeed ZeRO. The loop asks this module for five things:
 
 - `make_accelerator`: the Accelerator, with the DeepSpeed config filled from the training config
   (micro-batch, accumulation, clipping: the training config rules; a DeepSpeed JSON that says
   otherwise is an error naming both keys) and, on a machine without a GPU, a gloo process group;
+- `prepare`: the optimizer (DeepSpeed's CPU Adam when the optimizer is offloaded) and the wrapped
+  trained modules;
 - `check_optimizer`: refuse, before anything is built, what cannot work (an 8-bit optimizer with
   the optimizer offloaded to the CPU);
 - `Engine`: one object over the DeepSpeed engine (or nothing, without DeepSpeed) that saves and
@@ -161,6 +163,25 @@ def check_optimizer(tc: TrainConfig, ds: dict) -> None:
         raise DeepSpeedConfigError(
             "the DeepSpeed config has a \"scheduler\" section; remove it: the schedule comes from "
             "train.lr_scheduler and train.warmup_steps")
+
+
+def prepare(accelerator, trained: dict[str, nn.Module], params: list[nn.Parameter], tc: TrainConfig):
+    """Build the optimizer and let accelerate wrap it with the trained modules. Returns the modules
+    as the methods call them (by name), the wrapped optimizer and the `Engine`. DeepSpeed wraps one
+    model: several trained modules go in one container, each called through it."""
+    from .optim import make_optimizer
+
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        prepared = accelerator.prepare(*trained.values(), make_optimizer(params, tc))
+        return dict(zip(trained, prepared[:-1])), prepared[-1], Engine(None)
+    offload = offloads_optimizer(plugin.deepspeed_config)
+    optimizer = make_offload_optimizer(params, tc) if offload else make_optimizer(params, tc)
+    names = list(trained)
+    single = len(names) == 1
+    wrapped, optimizer = accelerator.prepare(trained[names[0]] if single else TrainedModules(trained), optimizer)
+    models = {names[0]: wrapped} if single else {name: ModuleCall(wrapped, name) for name in names}
+    return models, optimizer, Engine(wrapped)
 
 
 def make_offload_optimizer(params, tc: TrainConfig) -> torch.optim.Optimizer:

@@ -27,7 +27,7 @@ from data_tools.store import fingerprint
 from ldmcore.checkpoints import Components, load_components
 
 from .config import Config
-from .distributed import Engine, ModuleCall, TrainedModules, make_accelerator, make_offload_optimizer, offloads_optimizer
+from .distributed import Engine, make_accelerator, prepare
 from .method import Method, diffusion_loss  # noqa: F401  (diffusion_loss: re-exported for bench/)
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def train(config: Config) -> Path:
     from tqdm.auto import tqdm
 
     from .distributed import DeepSpeedConfigError
-    from .optim import EMA, make_optimizer, make_scheduler
+    from .optim import EMA, make_scheduler
 
     tc = config.train
     output = Path(config.output_dir)
@@ -173,22 +173,7 @@ def train(config: Config) -> Path:
     params = method.parameters()
     if not params:
         raise TrainingStopped(f"method {method.name} left no parameter to train")
-    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if accelerator.state.deepspeed_plugin else None
-    if ds_config is not None and offloads_optimizer(ds_config):
-        optimizer = make_offload_optimizer(params, tc)
-    else:
-        optimizer = make_optimizer(params, tc)
-    trained = method.trained_modules()
-    if ds_config is None:
-        prepared = accelerator.prepare(*trained.values(), optimizer)
-        models, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
-        engine = Engine(None)
-    else:  # DeepSpeed wraps one model: several trained modules go in one container, called through it
-        single = len(trained) == 1
-        wrapped, optimizer = accelerator.prepare(next(iter(trained.values())) if single else TrainedModules(trained),
-                                                 optimizer)
-        engine = Engine(wrapped)
-        models = {next(iter(trained)): wrapped} if single else {name: ModuleCall(wrapped, name) for name in trained}
+    models, optimizer, engine = prepare(accelerator, method.trained_modules(), params, tc)
     # built on the optimizer that holds the learning rate in use (DeepSpeed's inner one); stepped by
     # us once per optimizer step, on every rank
     scheduler = make_scheduler(engine.base_optimizer(optimizer), tc)
