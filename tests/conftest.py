@@ -58,8 +58,8 @@ def accelerate_launcher(config: str = "multi", processes: int = 2) -> tuple:
 TRAIN_WORDS = "a red green blue circle square on white black background".split()
 
 
-def build_training_world(root: Path) -> Path:
-    """A tiny base model folder (root/model) and four captioned 64x64 noise pictures (root/data):
+def build_training_world(root: Path, model: str = "model") -> Path:
+    """A tiny base model folder (root/<model>) and four captioned 64x64 noise pictures (root/data):
     what the trainer tests run on."""
     import numpy as np
     from PIL import Image
@@ -70,7 +70,7 @@ def build_training_world(root: Path) -> Path:
     parts = Components.from_preset("tiny", build_word_tokenizer(TRAIN_WORDS))
     randomize_(parts.vae, seed=1, std=0.05)
     randomize_(parts.unet, seed=2, std=0.05)
-    parts.save_pretrained(root / "model")
+    parts.save_pretrained(root / model)
     data = root / "data"
     data.mkdir()
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launcher, randomize_, rel_err
+from conftest import accelerate_launcher, build_training_world, randomize_, rel_err
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -32,18 +32,8 @@ def tiny_inpainting_parts(seed: int = 0) -> Components:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 4-channel base folder, a 9-channel inpainting single file, and four 64x64 captioned pictures."""
-    root = tmp_path_factory.mktemp("world")
-    base = Components.from_preset("tiny", build_word_tokenizer(WORDS))
-    randomize_(base.vae, seed=1, std=0.05)
-    randomize_(base.unet, seed=2, std=0.05)
-    base.save_pretrained(root / "base")
+    root = build_training_world(tmp_path_factory.mktemp("world"), model="base")
     tiny_inpainting_parts(seed=5).save_single_file(root / "inpainting.safetensors")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"p{i}.png")
-        (data / f"p{i}.txt").write_text(f"a {WORDS[1 + i % 3]} circle")
     return root
 
 
