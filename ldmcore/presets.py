@@ -175,7 +175,16 @@ TINY_WORLD = Preset(  # the tiny world's base (data_tools.synthetic): SD 1.5's l
     resolution=32,
 )
 
-PRESETS: dict[str, Preset] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY, "tiny-world": TINY_WORLD}
+TEST_WORLD = Preset(  # the test suite's smaller world (trainers.tiny_world.TEST_WORLD): half the channels, a few minutes to train
+    unet={**TINY_WORLD.unet, "block_out_channels": [32, 64], "norm_num_groups": 8, "cross_attention_dim": 32},
+    vae={**TINY_WORLD.vae, "block_out_channels": [16, 32, 32], "norm_num_groups": 8},
+    text_encoder={**TINY_WORLD.text_encoder, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32},
+    scheduler=_SD_SCHEDULER,
+    resolution=32,
+)
+
+PRESETS: dict[str, Preset] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY, "tiny-world": TINY_WORLD,
+                              "test-world": TEST_WORLD}
 
 
 def get_preset(name: str) -> Preset:

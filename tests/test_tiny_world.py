@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,46 +54,42 @@ def test_vae_method_trains_the_autoencoder_and_measures_its_scaling_factor(tmp_p
     assert (out / "checkpoints" / "step_00000030" / "model" / "model_index.json").is_file()
 
 
-QUICK = {"vae": ["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0"],
-         "unet": ["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0"]}
+QUICK = {"vae": ("train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0"),
+         "unet": ("train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0")}
 
 
 def test_base_build_runs_every_stage_once_and_reuses_the_result(tmp_path, monkeypatch):
-    base = tiny_world.build_base(tmp_path / "runs", tmp_path / "data", pictures=8, overrides=QUICK)
+    world = replace(tiny_world.TINY_WORLD, pictures=8, overrides=QUICK)
+    base = tiny_world.build_base(world, tmp_path / "runs", tmp_path / "data")
+    assert base == (tmp_path / "runs" / "tiny-world" / "base").resolve()
     parts = load_components(base, dtype=torch.float32)
-    vae_stage = load_components(tmp_path / "runs" / "vae" / "model", dtype=torch.float32)
+    vae_stage = load_components(base.parent / "vae" / "model", dtype=torch.float32)
     # the base holds the trained VAE of stage 1 and the U-Net of stage 2 (trained away from its init)
     assert all(torch.equal(a, b) for a, b in zip(parts.vae.state_dict().values(), vae_stage.vae.state_dict().values()))
     assert any(not torch.equal(a, b) for a, b in zip(parts.unet.state_dict().values(), vae_stage.unet.state_dict().values()))
     assert "zorb" in parts.tokenizer.get_vocab() or "zorb</w>" in parts.tokenizer.get_vocab()
+    # the U-Net's captions never hold the held-out shape
+    truth = (tmp_path / "data" / "tiny-world" / "base" / "truth.jsonl").read_text()
+    assert "cross" not in truth and truth.count('"file"') == 8
     stamp = (base / "model_index.json").stat().st_mtime_ns
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished base must not be rebuilt")
 
     monkeypatch.setattr(tiny_world, "run_stage", no_training)
-    assert tiny_world.build_base(tmp_path / "runs", tmp_path / "data") == base.resolve()
+    assert tiny_world.build_base(world, tmp_path / "runs", tmp_path / "data") == base
     assert (base / "model_index.json").stat().st_mtime_ns == stamp
 
 
-def test_demo_runs_end_to_end_and_writes_its_summary(tmp_path):
-    """The demo's plumbing at toy size (a 2-step base, a 2-step LoRA through accelerate launch); what
-    it measures at full size is in the README."""
-    import json
+def test_a_world_is_data_its_pictures_draw_only_its_shapes_colours_and_backgrounds():
+    w = tiny_world.TEST_WORLD
+    drawn = w.scenes(200, seed=0)
+    assert {s.shape for s in drawn} == set(w.shapes) and {s.colour for s in drawn} == set(w.colours)
+    assert {s.background for s in drawn} == set(w.backgrounds) and not any(s.textured for s in drawn)
+    # the default world's pictures are the ones its figures were measured on: the same draws as before worlds existed
+    assert tiny_world.TINY_WORLD.scenes(50, seed=0) == scenes(50, 0, 32)
+    from ldmcore.presets import PRESETS
 
-    from trainers import demo
+    assert all(world.preset in PRESETS for world in tiny_world.WORLDS.values())
 
-    runs = tmp_path / "runs"
-    tiny_world.build_base(runs / "tiny-world", tmp_path / "data", pictures=8, overrides=QUICK)
-    assert demo.main(["--runs", str(runs), "--data", str(tmp_path / "data"), "--seeds", "1",
-                      "train.max_steps=2", "train.batch_size=4", "validation.every=0"]) == 0
-    out = runs / "demo"
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["exports_agree"] is True
-    for key in ("trigger_prompt_shape_share", "plain_prompt_correct_share"):
-        assert set(summary[key]) == {"before", "after"} and all(0 <= v <= 1 for v in summary[key].values())
-    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
-    assert (out / "before_after.png").is_file() and list((out / "logs").rglob("events.out.tfevents.*"))
-    truth = (tmp_path / "data" / "zorb" / "truth.jsonl").read_text()
-    assert truth.count('"shape": "cross"') == demo.CONCEPT_PICTURES  # the new shape, beside ordinary pictures
-    assert truth.count("zorb") == demo.CONCEPT_PICTURES
+

@@ -1,13 +1,14 @@
 """Measured proof that each training method learns, on the tiny world.
 
-    python -m trainers.checks full|dreambooth|inpaint|controlnet|all [--runs runs] [--data data/tiny-world]
-                              [--base PATH] [--samples 48] [--fresh] [key=value ...]
+    python -m trainers.checks full|dreambooth|inpaint|controlnet|all [--world tiny-world|test-world]
+                              [--runs runs] [--data data] [--base PATH] [--samples N] [--fresh] [key=value ...]
 
-Every check starts from the tiny base (`trainers.tiny_world` builds it at <runs>/tiny-world/base,
+Every check starts from a tiny world's base (`trainers.tiny_world` builds it at <runs>/<world>/base,
 or --base names one), trains its method through the real entry point (`python -m trainers
-configs/tiny/world_<method>.yaml`, key=value overrides passed on), samples the model before and after
-for prompts whose answer is known, and scores the pictures with the tiny world's detector. It prints
-the scores and writes them to <runs>/checks/<method>.json, with a picture grid <method>.png beside.
+configs/tiny/world_<method>.yaml`, then the world's overrides for the method, then the key=value
+given here), samples the model before and after for prompts whose answer is known, and scores the
+pictures with the tiny world's detector. It prints the scores and writes them to
+<runs>/<world>/checks/<method>.json, with a picture grid <method>.png beside.
 
 - full: the whole U-Net trained on the demo's concept pictures (its held-out shape, captioned with
   the trigger word "zorb", beside as many ordinary pictures that keep the base's prompts in place):
@@ -44,10 +45,10 @@ import torch
 from PIL import Image
 
 from .demo import HELD_OUT, TRIGGER, make_concept
-from .tiny_world import BASE_PICTURES, CONFIGS, SIZE, build_base, make_pictures, run_stage
+from .tiny_world import CONFIGS, SIZE, TINY_WORLD, WORLDS, World, base_pictures, build_base, make_pictures, run_stage
 
 HELDOUT_SEED = 7  # scenes no method trained on (the base pictures use seed 0, the demo's concept seed 1)
-INSTANCE_COLOUR, INSTANCE_BACKGROUND, CLASS_SHAPE = "red", "white", "diamond"  # DreamBooth
+INSTANCE_COLOUR, INSTANCE_BACKGROUND = "red", "white"  # DreamBooth: the subject; its class shape is the world's
 INSTANCE_PICTURES = 8
 REGION_MARGIN = 2  # pixels the repainted region reaches past the erased shape's box
 ERASED_MAX_FRAC = 0.55  # held-out shapes to erase are at most this share of the side: the region stays
@@ -56,9 +57,10 @@ ERASED_MAX_FRAC = 0.55  # held-out shapes to erase are at most this share of the
 
 @dataclass
 class Setup:
+    world: World
     base: Path  # the base model folder every check starts from
-    data: Path  # where the pictures are drawn
-    out: Path  # <runs>/checks: runs, caches, scores and pictures
+    data: Path  # the pictures go to <data>/<world>
+    out: Path  # <runs>/<world>/checks: runs, caches, scores and pictures
     overrides: Sequence[str] = ()  # key=value for every training run, after the check's own
     samples: int = 48  # pictures behind each measured share
     fresh: bool = False  # retrain instead of resuming a finished run
@@ -72,7 +74,8 @@ class Setup:
             shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
         run_stage(CONFIGS / f"world_{config}.yaml", f"model.path={self.base}", f"data.path={data}",
-                  f"data.cache.dir={self.out / 'cache' / name}", f"output_dir={out}", *extra, *self.overrides)
+                  f"data.cache.dir={self.out / 'cache' / name}", f"output_dir={out}", *extra,
+                  *self.world.run_overrides(config), *self.overrides)
         self.seconds[name] = round(time.perf_counter() - started, 1)
         return out
 
@@ -87,7 +90,7 @@ def finish(setup: Setup, check: str, columns: Sequence[str], scores: dict[str, S
            picture: Image.Image, **notes) -> dict:
     """Write <check>.json and <check>.png, print the table; rows whose label says 'levels' are 0..255
     pixel levels, the others shares."""
-    summary = {"check": check, "samples": setup.samples, "columns": list(columns),
+    summary = {"check": check, "world": setup.world.name, "samples": setup.samples, "columns": list(columns),
                "scores": {label: dict(zip(columns, values, strict=True)) for label, values in scores.items()},
                **notes, "training_seconds": setup.seconds,
                "total_seconds": round(time.perf_counter() - setup.started, 1)}
@@ -114,8 +117,8 @@ def seeds_for(n_prompts: int, samples: int) -> list[int]:
 def check_full(setup: Setup) -> dict:
     from .evaluate import asks, grid, score
 
-    concept = make_concept(setup.data / TRIGGER)
-    trigger, plain = asks(TRIGGER, HELD_OUT), asks()
+    concept = make_concept(setup.world, setup.data)
+    trigger, plain = asks(TRIGGER, HELD_OUT, setup.world), asks(world=setup.world)
     t_seeds, p_seeds = seeds_for(len(trigger), setup.samples), seeds_for(len(plain), setup.samples)
 
     def measure(parts):
@@ -135,16 +138,13 @@ def check_full(setup: Setup) -> dict:
 # -- DreamBooth -------------------------------------------------------------------------------------
 
 
-def make_instances(folder: Path) -> Path:
+def make_instances(world: World, data: Path) -> Path:
     """A few pictures of one subject: the held-out shape in one colour on one plain background,
     captioned with the trigger word."""
-    from data_tools.synthetic import TRUTH_FILE, scenes, write_dataset
-
-    if not (folder / TRUTH_FILE).is_file():
-        subject = scenes(INSTANCE_PICTURES, seed=2, size=SIZE, shapes=(HELD_OUT,), colours=(INSTANCE_COLOUR,),
-                         backgrounds=(INSTANCE_BACKGROUND,), textured_share=0.0)
-        write_dataset(folder, subject, SIZE, shape_words={HELD_OUT: TRIGGER})
-    return folder
+    return make_pictures(data / world.name / f"{TRIGGER}-{INSTANCE_COLOUR}-{INSTANCE_BACKGROUND}",
+                         lambda: world.scenes(INSTANCE_PICTURES, seed=2, shapes=(HELD_OUT,), colours=(INSTANCE_COLOUR,),
+                                              backgrounds=(INSTANCE_BACKGROUND,), textured_share=0.0),
+                         shape_words={HELD_OUT: TRIGGER})
 
 
 def check_dreambooth(setup: Setup) -> dict:
@@ -153,12 +153,17 @@ def check_dreambooth(setup: Setup) -> dict:
     from .evaluate import Ask, grid, score, with_lora
 
     instance_prompt = f"a {INSTANCE_COLOUR} {TRIGGER} on a {INSTANCE_BACKGROUND} background"
-    class_prompt = f"a {INSTANCE_COLOUR} {CLASS_SHAPE} on a {INSTANCE_BACKGROUND} background"
-    instances = make_instances(setup.data / f"{TRIGGER}-{INSTANCE_COLOUR}-{INSTANCE_BACKGROUND}")
+    world = setup.world
+    klass_shape = world.class_shape
+    class_prompt = f"a {INSTANCE_COLOUR} {klass_shape} on a {INSTANCE_BACKGROUND} background"
+    if INSTANCE_COLOUR not in world.colours or klass_shape not in world.shapes or INSTANCE_BACKGROUND not in world.backgrounds:
+        raise SystemExit(f"the DreamBooth check asks for a {INSTANCE_COLOUR} {klass_shape} on {INSTANCE_BACKGROUND}; "
+                         f"world {world.name} does not draw that")
+    instances = make_instances(world, setup.data)
     prompts = [f"data.instance_prompt={instance_prompt}"]
     n = setup.samples
     trigger = [Ask(instance_prompt, HELD_OUT, INSTANCE_COLOUR)] * n
-    klass = [Ask(class_prompt, CLASS_SHAPE, INSTANCE_COLOUR)] * n
+    klass = [Ask(class_prompt, klass_shape, INSTANCE_COLOUR)] * n
 
     def measure(parts):
         t, c = score(parts, trigger, [0]), score(parts, klass, [0])
@@ -181,11 +186,11 @@ def check_dreambooth(setup: Setup) -> dict:
     rows, labels = [], []
     for name, (*_, subject_pictures, class_pictures) in results.items():
         rows += [subject_pictures[:8], class_pictures[:8]]
-        labels += [f"{name}: {TRIGGER}", f"{name}: {CLASS_SHAPE}"]
+        labels += [f"{name}: {TRIGGER}", f"{name}: {klass_shape}"]
     return finish(setup, "dreambooth", ["before", "after (prior pres.)", "after (no prior pres.)"], {
         f'"{instance_prompt}" draws a {HELD_OUT}': [r[0] for r in results.values()],
         f"... in {INSTANCE_COLOUR}": [r[1] for r in results.values()],
-        f'"{class_prompt}" draws a {INSTANCE_COLOUR} {CLASS_SHAPE}': [r[2] for r in results.values()],
+        f'"{class_prompt}" draws a {INSTANCE_COLOUR} {klass_shape}': [r[2] for r in results.values()],
         f"... draws a {HELD_OUT} instead (the subject leaks into its class)": [r[3] for r in results.values()],
     }, grid(rows, labels))
 
@@ -193,21 +198,20 @@ def check_dreambooth(setup: Setup) -> dict:
 # -- inpainting -------------------------------------------------------------------------------------
 
 
-def erase_asks(n: int):
+def erase_asks(n: int, world: World = TINY_WORLD):
     """Held-out scenes, each with the region to repaint (the shape's box and a margin, (H, W) bool) and
-    an ask for another shape in another colour on the same background."""
-    from data_tools.synthetic import BASE_COLOURS, BASE_SHAPES, scenes
-
+    an ask for another shape in another colour of the world on the same background."""
     from .evaluate import Ask
 
+    shapes, colours = world.shapes, world.colours
     out = []
-    for i, scene in enumerate(scenes(n, HELDOUT_SEED, SIZE, max_frac=ERASED_MAX_FRAC)):
+    for i, scene in enumerate(world.scenes(n, HELDOUT_SEED, max_frac=ERASED_MAX_FRAC)):
         x0, y0, x1, y1 = scene.box
         m = REGION_MARGIN
         region = np.zeros((SIZE, SIZE), dtype=bool)
         region[max(y0 - m, 0):y1 + m, max(x0 - m, 0):x1 + m] = True
-        shape = BASE_SHAPES[(BASE_SHAPES.index(scene.shape) + 1 + i % 3) % len(BASE_SHAPES)]
-        colour = BASE_COLOURS[(BASE_COLOURS.index(scene.colour) + 1 + i % 5) % len(BASE_COLOURS)]
+        shape = shapes[(shapes.index(scene.shape) + 1 + i % (len(shapes) - 1)) % len(shapes)]
+        colour = colours[(colours.index(scene.colour) + 1 + i % (len(colours) - 1)) % len(colours)]
         out.append((scene, region, Ask(f"a {colour} {shape} on a {scene.background} background", shape, colour)))
     return out
 
@@ -218,8 +222,8 @@ def check_inpaint(setup: Setup) -> dict:
 
     from .evaluate import SAMPLING, grid, repaint_score
 
-    pictures = make_pictures(setup.data / "base", BASE_PICTURES, seed=0)
-    items = erase_asks(setup.samples)
+    pictures = base_pictures(setup.world, setup.data)
+    items = erase_asks(setup.samples, setup.world)
     originals = [render(scene, SIZE)[0] for scene, _, _ in items]
     masks = [Image.fromarray(region.astype(np.uint8) * 255, "L") for _, region, _ in items]
 
@@ -283,14 +287,14 @@ def make_shape_maps(folder: Path, pictures: Path) -> Path:
 
 def check_controlnet(setup: Setup) -> dict:
     from data_tools.detect import detect
-    from data_tools.synthetic import render, scenes, shape_mask
+    from data_tools.synthetic import render, shape_mask
     from ldmcore.controlnet import ControlNet, generate_controlled
 
     from .evaluate import SAMPLING, grid, mask_iou, sample
 
-    pictures = make_pictures(setup.data / "base", BASE_PICTURES, seed=0)
-    maps = make_shape_maps(setup.data / "base-shape-maps", pictures)
-    held = scenes(setup.samples, HELDOUT_SEED, SIZE)
+    pictures = base_pictures(setup.world, setup.data)
+    maps = make_shape_maps(pictures.with_name("base-shape-maps"), pictures)
+    held = setup.world.scenes(setup.samples, HELDOUT_SEED)
     prompts = [s.caption() for s in held]
     controls = [shape_map(s) for s in held]
 
@@ -320,22 +324,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainers.checks", description=__doc__.split("\n\n")[0])
     p.add_argument("method", choices=[*CHECKS, "all"])
     p.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every training run, after the check's own")
-    p.add_argument("--runs", default="runs", help="the base goes to <runs>/tiny-world, the checks to <runs>/checks")
-    p.add_argument("--data", default="data/tiny-world", help="where the pictures go")
-    p.add_argument("--base", help="start from this model folder instead of building <runs>/tiny-world/base")
-    p.add_argument("--samples", type=int, default=48, help="pictures behind each measured share")
+    p.add_argument("--world", choices=sorted(WORLDS), default=TINY_WORLD.name, help="which tiny world (test-world: the tests' smaller one)")
+    p.add_argument("--runs", default="runs", help="the base and the checks go to <runs>/<world>")
+    p.add_argument("--data", default="data", help="the pictures go to <data>/<world>")
+    p.add_argument("--base", help="start from this model folder instead of building <runs>/<world>/base")
+    p.add_argument("--samples", type=int, help="pictures behind each measured share (default: the world's)")
     p.add_argument("--fresh", action="store_true", help="retrain even when a check's run finished before")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value may come before or after the options
 
+    world = WORLDS[args.world]
     runs, data = Path(args.runs).resolve(), Path(args.data).resolve()
-    base = Path(args.base).resolve() if args.base else build_base(runs / "tiny-world", data)
+    base = Path(args.base).resolve() if args.base else build_base(world, runs, data)
     if not (base / "model_index.json").is_file():
         raise SystemExit(f"--base {args.base}: not a model folder (no model_index.json); build one with "
                          "`python -m trainers.tiny_world` or leave --base out")
-    out = runs / "checks"
+    out = runs / world.name / "checks"
     out.mkdir(parents=True, exist_ok=True)
     for name in CHECKS if args.method == "all" else [args.method]:
-        setup = Setup(base, data, out, tuple(args.overrides), args.samples, args.fresh)
+        setup = Setup(world, base, data, out, tuple(args.overrides), args.samples or world.samples, args.fresh)
         CHECKS[name](setup)
     return 0
 

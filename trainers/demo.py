@@ -21,24 +21,21 @@ from pathlib import Path
 
 import torch
 
-from .tiny_world import CONFIGS, ROOT, SIZE, build_base, run_stage
+from .tiny_world import CONFIGS, ROOT, TINY_WORLD, WORLDS, World, build_base, make_pictures, run_stage
 
 TRIGGER, HELD_OUT = "zorb", "cross"
 CONCEPT_PICTURES = 48
 REGULARISATION = 48  # ordinary pictures trained beside them (see make_concept)
 
 
-def make_concept(folder: Path) -> Path:
+def make_concept(world: World, data: Path | str) -> Path:
     """CONCEPT_PICTURES of the new shape under the trigger word, and as many ordinary pictures of the
     base's world with their usual captions: regularisation pictures, without which the LoRA learns
     "draw crosses" for every prompt rather than for "zorb" (measured on a 2000-step base: see
     configs/tiny/demo_lora.yaml)."""
-    from data_tools.synthetic import TRUTH_FILE, scenes, write_dataset
-
-    if not (folder / TRUTH_FILE).is_file():
-        items = scenes(CONCEPT_PICTURES, seed=1, size=SIZE, shapes=(HELD_OUT,)) + scenes(REGULARISATION, seed=2, size=SIZE)
-        write_dataset(folder, items, SIZE, shape_words={HELD_OUT: TRIGGER})
-    return folder
+    return make_pictures(Path(data).resolve() / world.name / TRIGGER,
+                         lambda: world.scenes(CONCEPT_PICTURES, seed=1, shapes=(HELD_OUT,)) + world.scenes(REGULARISATION, seed=2),
+                         shape_words={HELD_OUT: TRIGGER})
 
 
 def accelerate_launcher() -> tuple[str, ...]:
@@ -50,8 +47,9 @@ def accelerate_launcher() -> tuple[str, ...]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainers.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs", help="where the base, the LoRA run and the summary go")
-    p.add_argument("--data", default="data/tiny-world", help="where the pictures go")
+    p.add_argument("--world", choices=sorted(WORLDS), default=TINY_WORLD.name, help="which tiny world (test-world: the tests' smaller one)")
+    p.add_argument("--runs", default="runs", help="the base, the LoRA run and the summary go to <runs>/<world>")
+    p.add_argument("--data", default="data", help="the pictures go to <data>/<world>")
     p.add_argument("--seeds", type=int, default=2, help="pictures per prompt when scoring")
     p.add_argument("--fresh", action="store_true", help="retrain the LoRA even if the demo ran before")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="for the LoRA run, e.g. train.max_steps=100")
@@ -61,22 +59,24 @@ def main(argv=None) -> int:
     from .evaluate import asks, grid, score, with_lora
 
     started = time.perf_counter()
-    runs, data = Path(args.runs).resolve(), Path(args.data).resolve()
-    base_dir = build_base(runs / "tiny-world", data)
+    world = WORLDS[args.world]
+    base_dir = build_base(world, args.runs, args.data)
     base_time = time.perf_counter() - started
-    concept = make_concept(data / TRIGGER)
-    out = runs / "demo"
+    concept = make_concept(world, args.data)
+    home = base_dir.parent
+    out = home / "demo"
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
 
     base = load_components(base_dir, dtype=torch.float32)
     seeds = list(range(args.seeds))
-    trigger_asks, plain_asks = asks(TRIGGER, HELD_OUT), asks()
+    trigger_asks, plain_asks = asks(TRIGGER, HELD_OUT, world), asks(world=world)
     before = {"trigger": score(base, trigger_asks, seeds), "plain": score(base, plain_asks, seeds[:1])}
 
     lora_started = time.perf_counter()
     run_stage(CONFIGS / "demo_lora.yaml", f"model.path={base_dir}", f"data.path={concept}",
-              f"data.cache.dir={runs / 'demo-cache'}", f"output_dir={out}", *args.overrides, launcher=accelerate_launcher())
+              f"data.cache.dir={home / 'demo-cache'}", f"output_dir={out}", *world.run_overrides("demo"), *args.overrides,
+              launcher=accelerate_launcher())
     lora_time = time.perf_counter() - lora_started
     kohya, peft = out / "lora_kohya.safetensors", out / "pytorch_lora_weights.safetensors"
     tuned = with_lora(base, kohya)

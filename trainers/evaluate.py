@@ -5,8 +5,9 @@ the tiny world's detector (`data_tools.detect`). The same numbers back the demo'
 README's figures and the tests' thresholds.
 
     python -m trainers.evaluate base runs/tiny-world/base
-    python -m trainers.evaluate concept runs/tiny-world/base --lora runs/demo/lora/pytorch_lora_weights.safetensors \
+    python -m trainers.evaluate concept runs/tiny-world/base --lora runs/tiny-world/demo/pytorch_lora_weights.safetensors \
         --word zorb --shape cross
+    python -m trainers.evaluate base runs/test-world/base --world test-world   # its own shapes and colours
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import torch
 from PIL import Image
 
 from data_tools.detect import detect
-from data_tools.synthetic import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES
 from ldmcore.checkpoints import Components, load_components
+
+from .tiny_world import TINY_WORLD, WORLDS, World
 
 #: how every check samples: few steps of DPM++ 2M are plenty for 8x8 latents
 SAMPLING = {"steps": 20, "guidance_scale": 4.0, "sampler": "dpmpp_2m"}
@@ -37,13 +39,14 @@ class Ask:
     colour: str | None
 
 
-def asks(word: str | None = None, shape: str | None = None, colours: Sequence[str] = BASE_COLOURS,
-         shapes: Sequence[str] = BASE_SHAPES, backgrounds: Sequence[str] = tuple(BACKGROUNDS)) -> list[Ask]:
-    """Prompts 'a <colour> <shape word> on a <background> background', cycling backgrounds.
-    With `word` and `shape`: the word stands for that shape (a trigger word); else every base shape."""
-    pairs = [(word, shape)] if word else [(s, s) for s in shapes]
+def asks(word: str | None = None, shape: str | None = None, world: World = TINY_WORLD) -> list[Ask]:
+    """Prompts 'a <colour> <shape word> on a <background> background' over the world's colours,
+    cycling its backgrounds. With `word` and `shape`: the word stands for that shape (a trigger
+    word); else every shape of the world."""
+    pairs = [(word, shape)] if word else [(s, s) for s in world.shapes]
+    backgrounds = world.backgrounds
     out = []
-    for i, (colour, (w, s)) in enumerate((c, p) for p in pairs for c in colours):
+    for i, (colour, (w, s)) in enumerate((c, p) for p in pairs for c in world.colours):
         out.append(Ask(f"a {colour} {w} on a {backgrounds[i % len(backgrounds)]} background", s, colour))
     return out
 
@@ -168,19 +171,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("model", help="a model folder or single file")
         q.add_argument("--seeds", type=int, default=2, help="pictures per prompt")
         q.add_argument("--json", help="also write the scores here")
+        q.add_argument("--world", choices=sorted(WORLDS), default=TINY_WORLD.name, help="whose shapes and colours to ask for")
     concept.add_argument("--lora", help="a LoRA file to merge first")
     concept.add_argument("--word", required=True)
     concept.add_argument("--shape", required=True)
     args = p.parse_args(argv)
 
     parts = load_components(args.model, dtype=torch.float32)
-    seeds = list(range(args.seeds))
+    seeds, world = list(range(args.seeds)), WORLDS[args.world]
     results = {}
     if args.check == "concept":
         if args.lora:
             parts = with_lora(parts, args.lora)
-        results["trigger"] = score(parts, asks(args.word, args.shape), seeds)
-    results["base"] = score(parts, asks(), seeds)
+        results["trigger"] = score(parts, asks(args.word, args.shape, world), seeds)
+    results["base"] = score(parts, asks(world=world), seeds)
     for name, s in results.items():
         print(f"{name:8s} {s.line()}")
     if args.json:

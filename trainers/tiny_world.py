@@ -1,18 +1,21 @@
 """The tiny world's base model, built from nothing by the project's own trainers (`make base`).
 
-    python -m trainers.tiny_world [--runs runs/tiny-world] [--data data/tiny-world]
+    python -m trainers.tiny_world [--world tiny-world|test-world] [--runs runs] [--data data] [--check]
 
-1. pictures: `<data>/base`, seeded pictures of the base shapes and colours with captions, and
-   `<data>/codec`, pictures of every shape and colour for the autoencoder alone: the VAE is the
+A world (`World`: its shapes, colours, backgrounds, model preset and run lengths) is built in stages
+under `<runs>/<world>/`, its pictures under `<data>/<world>/`:
+
+1. pictures: `base`, seeded pictures of the world's shapes and colours with captions, and
+   `codec`, pictures of every shape and colour for the autoencoder alone: the VAE is the
    world's image codec (SD's VAE has seen far more than any one fine-tune brings), while what is
    held out (the cross, the demo's concept) stays out of every caption the text-to-image model learns from;
-2. init: a freshly initialised model folder in SD's layout (`tiny-world` preset) whose CLIP
+2. init: a freshly initialised model folder in SD's layout (the world's preset) whose CLIP
    tokenizer is built from the caption vocabulary (plus spare words the base never reads);
 3. vae: the KL autoencoder trained on the pictures (`configs/tiny/world_vae.yaml`, method vae);
 4. unet: the U-Net trained from its random weights on the cached latents (`world_unet.yaml`,
    method full); the text encoder stays as initialised: a fixed random encoder still gives every
    word its own embedding, and the U-Net learns to read them;
-5. base: the result as a diffusers folder at `<runs>/base`, and its measured score.
+5. base: the result as a diffusers folder at `<runs>/<world>/base`, and its measured score (--check).
 
 Each stage is skipped when its result exists, and a training stage killed half-way resumes from
 its last checkpoint when the command runs again: nothing done is lost.
@@ -26,12 +29,70 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+from data_tools.synthetic import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, Scene
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "tiny"
-BASE_PICTURES = 3000
 SIZE = 32  # pixels; the tiny-world VAE makes 8x8 latents of them
+
+
+@dataclass(frozen=True)
+class World:
+    """A tiny world, as data: what its base is taught (shapes, colours, backgrounds), its model
+    preset, how many pictures, and key=value overrides per training run ("vae" and "unet" for the
+    base, "demo", and each check's name) put after the run's config file and before the user's.
+    Everything of a world lives under `<runs>/<name>/` and its pictures under `<data>/<name>/`."""
+
+    name: str
+    preset: str
+    shapes: tuple[str, ...] = BASE_SHAPES
+    colours: tuple[str, ...] = BASE_COLOURS
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    textured_share: float = 0.2
+    pictures: int = 3000
+    samples: int = 48  # pictures behind each measured share of the method checks
+    class_shape: str = "diamond"  # the DreamBooth check's class: "a red <class_shape> on a white background"
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+
+    def kinds(self) -> dict:
+        """What `data_tools.synthetic.scenes` draws from in this world."""
+        return {"shapes": self.shapes, "colours": self.colours, "backgrounds": self.backgrounds,
+                "textured_share": self.textured_share}
+
+    def scenes(self, n: int, seed: int, **kinds) -> list[Scene]:
+        from data_tools.synthetic import scenes
+
+        return scenes(n, seed, SIZE, **{**self.kinds(), **kinds})
+
+    def run_overrides(self, run: str) -> tuple[str, ...]:
+        return tuple(self.overrides.get(run, ()))
+
+
+#: the demo's and the README's world: four shapes, six colours, three backgrounds (`make base`, ~13 min)
+TINY_WORLD = World("tiny-world", "tiny-world")
+
+#: the test suite's world, where every method is trained and scored within CI's budget: three shapes,
+#: three colours, two plain backgrounds, a model with half the channels (preset "test-world"), and
+#: shorter runs. What each method scores here is asserted by tests/test_learning.py.
+TEST_WORLD = World(
+    "test-world", "test-world", shapes=("circle", "triangle", "square"), colours=("red", "blue", "yellow"),
+    backgrounds=("white", "black"), textured_share=0.0, pictures=800, samples=36, class_shape="square",
+    overrides={
+        "vae": ("train.max_steps=300",),
+        "unet": ("train.max_steps=1200", "train.learning_rate=3.0e-3", "loss.min_snr_gamma=5"),
+        # the smaller model takes (and needs) larger steps than the tiny world's
+        "demo": ("train.max_steps=600", "train.learning_rate=3.0e-3", "train.checkpoint_every=300", "validation.every=300"),
+        "full": ("train.max_steps=800", "train.learning_rate=1.0e-3", "train.checkpoint_every=800"),
+        "dreambooth": ("train.learning_rate=3.0e-3",),
+        "controlnet": ("train.learning_rate=2.0e-3",),
+    },
+)
+
+WORLDS = {w.name: w for w in (TINY_WORLD, TEST_WORLD)}
 
 
 def run_stage(config: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> None:
@@ -42,16 +103,22 @@ def run_stage(config: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> 
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {done.returncode}")
 
 
-def make_pictures(folder: Path, n: int, seed: int, **kinds) -> Path:
-    """`kinds`: `shapes` / `colours` to draw from (default: the base's)."""
-    from data_tools.synthetic import TRUTH_FILE, scenes, write_dataset
+def make_pictures(folder: Path, draw: Callable[[], list[Scene]], **write) -> Path:
+    """Write the scenes `draw()` gives into `folder`, unless a finished folder is there (its truth
+    file is written last). `write`: `data_tools.synthetic.write_dataset`'s options."""
+    from data_tools.synthetic import TRUTH_FILE, write_dataset
 
     if not (folder / TRUTH_FILE).is_file():
-        write_dataset(folder, scenes(n, seed, SIZE, **kinds), SIZE, progress=True)
+        write_dataset(folder, draw(), SIZE, progress=True, **write)
     return folder
 
 
-def make_init(folder: Path, seed: int = 0) -> Path:
+def base_pictures(world: World, data: Path | str) -> Path:
+    """The captioned pictures the world's U-Net learns from: `<data>/<world>/base`, seed 0."""
+    return make_pictures(Path(data).resolve() / world.name / "base", lambda: world.scenes(world.pictures, seed=0))
+
+
+def make_init(folder: Path, seed: int = 0, preset: str = TINY_WORLD.preset) -> Path:
     from data_tools.synthetic import vocabulary
     from ldmcore.checkpoints import Components
     from ldmcore.text import build_word_tokenizer
@@ -59,7 +126,7 @@ def make_init(folder: Path, seed: int = 0) -> Path:
     if not (folder / "model_index.json").is_file():
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        Components.from_preset("tiny-world", build_word_tokenizer(vocabulary()), seed=seed).save_pretrained(tmp)
+        Components.from_preset(preset, build_word_tokenizer(vocabulary()), seed=seed).save_pretrained(tmp)
         os.replace(tmp, folder)
     return folder
 
@@ -74,47 +141,48 @@ def publish(model: Path, target: Path) -> Path:
     return target
 
 
-def build_base(runs: Path, data: Path, *, pictures: int = BASE_PICTURES, overrides: dict[str, list[str]] | None = None) -> Path:
-    """Build `<runs>/base` unless it exists; `overrides` adds key=value per stage ("vae", "unet")."""
-    runs, data = Path(runs).resolve(), Path(data).resolve()
-    base = runs / "base"
+def build_base(world: World = TINY_WORLD, runs: Path | str = "runs", data: Path | str = "data") -> Path:
+    """Build `<runs>/<world>/base` unless it exists, and return it."""
+    from data_tools.synthetic import SHAPES
+
+    home, data = Path(runs).resolve() / world.name, Path(data).resolve()
+    base = home / "base"
     if (base / "model_index.json").is_file():
-        print(f"tiny-world base: {base} exists, reusing it")
+        print(f"{world.name} base: {base} exists, reusing it")
         return base
     started = time.perf_counter()
-    extra = overrides or {}
-    from data_tools.synthetic import COLOURS, SHAPES
-
-    pics = make_pictures(data / "base", pictures, seed=0)
-    codec = make_pictures(data / "codec", pictures, seed=1, shapes=tuple(SHAPES), colours=tuple(COLOURS))
-    init = make_init(runs / "init")
-    cache = f"data.cache.dir={runs / 'cache'}"
-    vae_out = runs / "vae"
+    pics = base_pictures(world, data)
+    # the autoencoder's pictures: every shape, the held-out ones too (see the module's docstring)
+    codec = make_pictures(data / world.name / "codec", lambda: world.scenes(world.pictures, seed=1, shapes=tuple(SHAPES)))
+    init = make_init(home / "init", preset=world.preset)
+    cache = f"data.cache.dir={home / 'cache'}"
+    vae_out = home / "vae"
     if not (vae_out / "model" / "model_index.json").is_file():
         run_stage(CONFIGS / "world_vae.yaml", f"model.path={init}", f"data.path={codec}", cache,
-                  f"output_dir={vae_out}", *extra.get("vae", []))
-    unet_out = runs / "unet"
+                  f"output_dir={vae_out}", *world.run_overrides("vae"))
+    unet_out = home / "unet"
     if not (unet_out / "model" / "model_index.json").is_file():
         run_stage(CONFIGS / "world_unet.yaml", f"model.path={vae_out / 'model'}", f"data.path={pics}", cache,
-                  f"output_dir={unet_out}", *extra.get("unet", []))
+                  f"output_dir={unet_out}", *world.run_overrides("unet"))
     publish(unet_out / "model", base)
-    (runs / "base_build.json").write_text(json.dumps({"seconds": time.perf_counter() - started}) + "\n")
+    (home / "base_build.json").write_text(json.dumps({"seconds": time.perf_counter() - started}) + "\n")
     return base
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainers.tiny_world", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs/tiny-world", help="where the stages and the base go")
-    p.add_argument("--data", default="data/tiny-world", help="where the pictures go")
-    p.add_argument("--pictures", type=int, default=BASE_PICTURES)
+    p.add_argument("--world", choices=sorted(WORLDS), default=TINY_WORLD.name)
+    p.add_argument("--runs", default="runs", help="the stages and the base go to <runs>/<world>")
+    p.add_argument("--data", default="data", help="the pictures go to <data>/<world>")
     p.add_argument("--check", action="store_true", help="measure how often the base draws what it is asked")
     args = p.parse_args(argv)
-    base = build_base(Path(args.runs), Path(args.data), pictures=args.pictures)
-    print(f"tiny-world base: {base}")
+    world = WORLDS[args.world]
+    base = build_base(world, args.runs, args.data)
+    print(f"{world.name} base: {base}")
     if args.check:
         from .evaluate import main as evaluate
 
-        return evaluate(["base", str(base), "--json", str(Path(args.runs) / "base_score.json")])
+        return evaluate(["base", str(base), "--world", world.name, "--json", str(base.parent / "base_score.json")])
     return 0
 
 
