@@ -85,7 +85,8 @@ TEST_WORLD = World(
         "vae": ("train.max_steps=300",),
         "unet": ("train.max_steps=1200", "train.learning_rate=3.0e-3", "loss.min_snr_gamma=5"),
         # the smaller model takes (and needs) larger steps than the tiny world's
-        "demo": ("train.max_steps=600", "train.learning_rate=3.0e-3", "train.checkpoint_every=300", "validation.every=300"),
+        "demo": ("train.max_steps=400", "train.learning_rate=4.0e-3", "train.checkpoint_every=200", "validation.every=200"),
+        "inpaint": ("train.max_steps=900", "train.learning_rate=1.5e-3", "train.checkpoint_every=900"),
         "full": ("train.max_steps=800", "train.learning_rate=1.0e-3", "train.checkpoint_every=800"),
         "dreambooth": ("train.learning_rate=3.0e-3",),
         "controlnet": ("train.learning_rate=2.0e-3",),
