@@ -154,16 +154,16 @@ def check_dreambooth(setup: Setup) -> dict:
 
     instance_prompt = f"a {INSTANCE_COLOUR} {TRIGGER} on a {INSTANCE_BACKGROUND} background"
     world = setup.world
-    klass_shape = world.class_shape
-    class_prompt = f"a {INSTANCE_COLOUR} {klass_shape} on a {INSTANCE_BACKGROUND} background"
-    if INSTANCE_COLOUR not in world.colours or klass_shape not in world.shapes or INSTANCE_BACKGROUND not in world.backgrounds:
-        raise SystemExit(f"the DreamBooth check asks for a {INSTANCE_COLOUR} {klass_shape} on {INSTANCE_BACKGROUND}; "
+    class_shape = world.class_shape
+    class_prompt = f"a {INSTANCE_COLOUR} {class_shape} on a {INSTANCE_BACKGROUND} background"
+    if INSTANCE_COLOUR not in world.colours or class_shape not in world.shapes or INSTANCE_BACKGROUND not in world.backgrounds:
+        raise SystemExit(f"the DreamBooth check asks for a {INSTANCE_COLOUR} {class_shape} on {INSTANCE_BACKGROUND}; "
                          f"world {world.name} does not draw that")
     instances = make_instances(world, setup.data)
     prompts = [f"data.instance_prompt={instance_prompt}"]
     n = setup.samples
     trigger = [Ask(instance_prompt, HELD_OUT, INSTANCE_COLOUR)] * n
-    klass = [Ask(class_prompt, klass_shape, INSTANCE_COLOUR)] * n
+    klass = [Ask(class_prompt, class_shape, INSTANCE_COLOUR)] * n
 
     def measure(parts):
         t, c = score(parts, trigger, [0]), score(parts, klass, [0])
@@ -186,11 +186,11 @@ def check_dreambooth(setup: Setup) -> dict:
     rows, labels = [], []
     for name, (*_, subject_pictures, class_pictures) in results.items():
         rows += [subject_pictures[:8], class_pictures[:8]]
-        labels += [f"{name}: {TRIGGER}", f"{name}: {klass_shape}"]
+        labels += [f"{name}: {TRIGGER}", f"{name}: {class_shape}"]
     return finish(setup, "dreambooth", ["before", "after (prior pres.)", "after (no prior pres.)"], {
         f'"{instance_prompt}" draws a {HELD_OUT}': [r[0] for r in results.values()],
         f"... in {INSTANCE_COLOUR}": [r[1] for r in results.values()],
-        f'"{class_prompt}" draws a {INSTANCE_COLOUR} {klass_shape}': [r[2] for r in results.values()],
+        f'"{class_prompt}" draws a {INSTANCE_COLOUR} {class_shape}': [r[2] for r in results.values()],
         f"... draws a {HELD_OUT} instead (the subject leaks into its class)": [r[3] for r in results.values()],
     }, grid(rows, labels))
 

@@ -6,7 +6,7 @@ A world (`World`: its shapes, colours, backgrounds, model preset and run lengths
 under `<runs>/<world>/`, its pictures under `<data>/<world>/`:
 
 1. pictures: `base`, seeded pictures of the world's shapes and colours with captions, and
-   `codec`, pictures of every shape and colour for the autoencoder alone: the VAE is the
+   `codec`, pictures of every shape in the world's colours for the autoencoder alone: the VAE is the
    world's image codec (SD's VAE has seen far more than any one fine-tune brings), while what is
    held out (the cross, the demo's concept) stays out of every caption the text-to-image model learns from;
 2. init: a freshly initialised model folder in SD's layout (the world's preset) whose CLIP
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from data_tools.synthetic import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, Scene
+from data_tools.synthetic import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, Scene, scenes
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "tiny"
@@ -64,8 +64,7 @@ class World:
                 "textured_share": self.textured_share}
 
     def scenes(self, n: int, seed: int, **kinds) -> list[Scene]:
-        from data_tools.synthetic import scenes
-
+        """`n` seeded scenes of this world; `kinds` narrows or widens what is drawn."""
         return scenes(n, seed, SIZE, **{**self.kinds(), **kinds})
 
     def run_overrides(self, run: str) -> tuple[str, ...]:
