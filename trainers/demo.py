@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=2, help="pictures per prompt when scoring")
     p.add_argument("--fresh", action="store_true", help="retrain the LoRA even if the demo ran before")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="for the LoRA run, e.g. train.max_steps=100")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value may come before or after the options
     from ldmcore.checkpoints import load_components
 
     from .evaluate import asks, grid, score, with_lora
