@@ -62,10 +62,13 @@ class Setup:
     data: Path  # the pictures go to <data>/<world>
     out: Path  # <runs>/<world>/checks: runs, caches, scores and pictures
     overrides: Sequence[str] = ()  # key=value for every training run, after the check's own
-    samples: int = 48  # pictures behind each measured share
+    samples: int | None = None  # pictures behind each measured share; None: the world's
     fresh: bool = False  # retrain instead of resuming a finished run
     seconds: dict[str, float] = field(default_factory=dict)  # training time per run
     started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.samples = self.samples or self.world.samples
 
     def train(self, config: str, name: str, data: Path, *extra: str) -> Path:
         """Run configs/tiny/world_<config>.yaml into <out>/<name>, timed under `name`."""
@@ -341,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = runs / world.name / "checks"
     out.mkdir(parents=True, exist_ok=True)
     for name in CHECKS if args.method == "all" else [args.method]:
-        setup = Setup(world, base, data, out, tuple(args.overrides), args.samples or world.samples, args.fresh)
+        setup = Setup(world, base, data, out, tuple(args.overrides), args.samples, args.fresh)
         CHECKS[name](setup)
     return 0
 
