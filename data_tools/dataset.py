@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from .precompute import STORES, CacheItem, CachePlan
 from .store import ShardReader
+from .transforms import CropPlan
 
 
 class CachedDataset(Dataset):
@@ -52,10 +53,15 @@ class CachedDataset(Dataset):
         latent = self.stores["latents"].get(item.latents[view])
         c = self._choice(i, len(item.texts), "caption")
         text_key = item.texts[c] if item.texts else self.plan.empty_text
+        crop = CropPlan.from_dict(item.crops[view])
         out = {
             "mean": latent["mean"],  # (4, h, w) fp16
             "std": latent["std"],
-            "text": self.stores["text"].get(text_key)["hidden"],  # (77 * windows, width) fp16
+            # the family's text conditioning: "hidden" (77 * windows, width), maybe "pooled" (width,); fp16
+            "text": self.stores["text"].get(text_key),
+            # SDXL's micro-conditioning, from this view's own transform: original (h, w), crop (top, left),
+            # target (h, w) in pixels; families without it ignore it
+            "size": torch.tensor([crop.orig_h, crop.orig_w, *crop.crop_top_left, crop.bucket_h, crop.bucket_w]),
             "caption": item.captions[c] if item.captions else "",  # for a text encoder that trains
             "is_class": torch.tensor(item.role == "class"),
         }
@@ -67,6 +73,6 @@ class CachedDataset(Dataset):
             out["control"] = self.stores["control"].get(item.control[view])["image"]  # (3, H, W) uint8
         return out
 
-    def empty_text(self) -> torch.Tensor:
-        """The empty caption's embedding, for caption dropout (classifier-free guidance)."""
-        return self.stores["text"].get(self.plan.empty_text)["hidden"]
+    def empty_text(self) -> dict[str, torch.Tensor]:
+        """The empty caption's encoding (unbatched), for caption dropout (classifier-free guidance)."""
+        return self.stores["text"].get(self.plan.empty_text)

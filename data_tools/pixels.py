@@ -49,5 +49,5 @@ class PixelDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {"pixels": self.pictures[i].float() / 127.5 - 1.0}  # (3, H, W) in [-1, 1]
 
-    def empty_text(self) -> torch.Tensor:
-        return torch.zeros(1, 1)  # no text here; the loop asks every dataset for it
+    def empty_text(self) -> dict[str, torch.Tensor]:
+        return {"hidden": torch.zeros(1, 1)}  # no text here; the loop asks every dataset for it

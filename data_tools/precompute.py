@@ -223,7 +223,7 @@ def precompute(
     cache_dir = Path(cache_dir)
     for store in STORES:
         (cache_dir / store).mkdir(parents=True, exist_ok=True)
-    plan, jobs, captions = plan_cache(manifest, cfg, fingerprint(vae), fingerprint(prompt_encoder.text_encoder))
+    plan, jobs, captions = plan_cache(manifest, cfg, fingerprint(vae), text_fingerprint(prompt_encoder))
     have = {store: build_index(cache_dir / store) for store in STORES}
     if barrier is not None:
         # reading the index removes a dead run's .partial files: every rank must be past that
@@ -264,13 +264,21 @@ def precompute(
     return plan, report
 
 
+def text_fingerprint(prompt_encoder) -> str:
+    """A hash of every text encoder's weights behind a family's prompt encoder (one: its own hash)."""
+    prints = [fingerprint(m) for m in prompt_encoder.text_encoders]
+    return prints[0] if len(prints) == 1 else content_key(*prints)
+
+
 def _encode_texts(captions: list[str], prompt_encoder, cfg: DataConfig, text_fp: str, writer: ShardWriter) -> None:
+    """Each caption's text conditioning as the family gives it: "hidden" (windows * 77, width) and,
+    where the family has one, "pooled" (width,), in fp16."""
     batch = 32
     for s in range(0, len(captions), batch):
         chunk = captions[s : s + batch]
-        hidden = prompt_encoder(chunk).to(torch.float16)  # (b, windows * 77, width)
-        for caption, h in zip(chunk, hidden):
-            writer.add(_text_key(caption, text_fp, cfg), {"hidden": h})
+        encoded = {k: v.to(torch.float16) for k, v in prompt_encoder(chunk).items()}
+        for j, caption in enumerate(chunk):
+            writer.add(_text_key(caption, text_fp, cfg), {k: v[j] for k, v in encoded.items()})
 
 
 def _encode_images(manifest, jobs, vae, cfg: DataConfig, writers, have, progress: bool) -> None:

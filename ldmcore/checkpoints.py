@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from .family import SD, SDXL_BASE, Family, family_of_pipeline, get_family
 from .presets import SD15, SD21, Preset, get_preset
 from .schedule import NoiseSchedule
 from .single_file import TEXT_PREFIXES, detect_family, diffusers_to_original, original_to_diffusers
-from .text import PromptEncoder
 from .unet import UNet
 from .vae import AutoencoderKL
 from .weights import CheckpointError, read_state_dict
@@ -30,43 +30,66 @@ log = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 METADATA_KEY = "ldm_tune.components"  # JSON of the component configs in single files we write
 TEXT_PREFIX = "text_model."  # the layout transformers 4.x writes and 5.x still reads
+PROJECTION = "text_projection."  # CLIPTextModelWithProjection's projection, beside text_model
+ALL_TEXT_PARTS = (("text_encoder", "tokenizer", "CLIPTextModel"),
+                  ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"))
 
 
 @dataclasses.dataclass
 class Components:
-    """The parts of a Stable Diffusion model, loaded and ready."""
+    """The parts of a latent diffusion model, loaded and ready. Which text encoders there are is the
+    family's (`family.text_parts`): SD 1.x/2.x one, SDXL two, the SDXL refiner only the second."""
 
     unet: UNet
     vae: AutoencoderKL
-    text_encoder: torch.nn.Module  # transformers.CLIPTextModel
+    text_encoder: torch.nn.Module | None  # transformers.CLIPTextModel (None for the SDXL refiner)
     tokenizer: Any  # transformers.CLIPTokenizer
     schedule: NoiseSchedule
-    text_kind: str = "clip"  # how the text encoder is written in single files: "clip" or "openclip"
+    text_kind: str = "clip"  # SD 1.x/2.x single files: how the text encoder is written, "clip" or "openclip"
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: transformers.CLIPTextModelWithProjection (CLIP-bigG)
+    tokenizer_2: Any = None
+    family: Family = SD
 
     @classmethod
-    def from_preset(cls, preset: str | Preset, tokenizer, seed: int = 0) -> Components:
+    def from_preset(cls, preset: str | Preset, tokenizer, seed: int = 0, tokenizer_2=None) -> Components:
         """Freshly initialised components of a family (weights random, as for training from scratch).
-        The text encoder's vocabulary is sized to the tokenizer."""
-        from transformers import CLIPTextConfig, CLIPTextModel
-
+        Text encoders' vocabularies are sized to their tokenizers; SDXL's second tokenizer defaults to
+        the first one padding with "!", as SDXL's does."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
+        family = get_family(preset.family)
         torch.manual_seed(seed)
-        special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-        text_config = CLIPTextConfig(**{**preset.text_encoder, "vocab_size": len(tokenizer), **special})
+        if tokenizer_2 is None and any(part[1] == "tokenizer_2" for part in family.text_parts):
+            tokenizer_2 = second_tokenizer(tokenizer)
+        tokenizers = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
+        configs = {"text_encoder": preset.text_encoder, "text_encoder_2": preset.text_encoder_2}
+        encoders = {name: _new_text_encoder(kind, configs[name], tokenizers[tok]) for name, tok, kind in family.text_parts}
         return cls(
             unet=UNet.from_config(dict(preset.unet)).eval(),
             vae=AutoencoderKL.from_config(dict(preset.vae)).eval(),
-            text_encoder=CLIPTextModel(text_config).eval(),
-            tokenizer=tokenizer,
+            text_encoder=encoders.get("text_encoder"),
+            tokenizer=tokenizers["tokenizer"] if "text_encoder" in encoders else None,
             schedule=NoiseSchedule.from_config(preset.scheduler),
             text_kind=preset.text_kind,
+            text_encoder_2=encoders.get("text_encoder_2"),
+            tokenizer_2=tokenizer_2,
+            family=family,
         )
 
-    def prompt_encoder(self, clip_skip: int = 0, max_windows: int = 3) -> PromptEncoder:
-        return PromptEncoder(self.tokenizer, self.text_encoder, clip_skip=clip_skip, max_windows=max_windows)
+    def prompt_encoder(self, clip_skip: int = 0, max_windows: int = 3) -> torch.nn.Module:
+        """The family's text conditioning: a module, prompts -> {"hidden", ["pooled"]}."""
+        return self.family.prompt_encoder(self, clip_skip=clip_skip, max_windows=max_windows)
+
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by component name, in the family's order."""
+        return {name: getattr(self, name) for name, _, _ in self.family.text_parts}
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, *self.text_encoders.values()]
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Components:
-        for model in (self.unet, self.vae, self.text_encoder):
+        for model in self.models:
             model.to(device=device, dtype=dtype)
         return self
 
@@ -79,29 +102,35 @@ class Components:
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write a diffusers pipeline folder (diffusers' from_pretrained loads it), atomically."""
         folder = Path(folder)
+        family = self.family
         with _atomic_dir(folder) as tmp:
             self.unet.save_pretrained(tmp / "unet")
             self.vae.save_pretrained(tmp / "vae")
-            _save_text_encoder(self.text_encoder, tmp / "text_encoder")
-            _save_tokenizer(self.tokenizer, tmp / "tokenizer")
+            for name, tok, _ in family.text_parts:
+                _save_text_encoder(getattr(self, name), tmp / name)
+                _save_tokenizer(getattr(self, tok), tmp / tok)
             (tmp / "scheduler").mkdir()
-            sched = {"_class_name": "DDIMScheduler", **self.schedule.to_config()}
+            sched = {"_class_name": family.scheduler_class, **self.schedule.to_config()}
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
-            pipeline = "StableDiffusionInpaintPipeline" if self.unet.config.in_channels == 9 else "StableDiffusionPipeline"
+            inpainting = self.unet.config.in_channels == 9
             index = {
-                "_class_name": pipeline,
+                "_class_name": family.inpaint_pipeline_class if inpainting else family.pipeline_class,
                 # diffusers reads inpainting folders of version <= 0.5.1 as its legacy pipeline; the
                 # layout written here is the current one
                 "_diffusers_version": "0.30.0",
                 "unet": ["diffusers", "UNet2DConditionModel"],
                 "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDIMScheduler"],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
+                "scheduler": ["diffusers", family.scheduler_class],
             }
+            for name, tok, kind in ALL_TEXT_PARTS:
+                used = any(part[0] == name for part in family.text_parts)
+                if used or family is not SD:  # SD folders name only their one text encoder
+                    index[name] = ["transformers", kind] if used else [None, None]
+                    index[tok] = ["transformers", "CLIPTokenizer"] if used else [None, None]
+            if family is SD:
+                index |= {"safety_checker": [None, None], "feature_extractor": [None, None],
+                          "requires_safety_checker": False}
+            index |= family.pipeline_options
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
@@ -112,19 +141,13 @@ class Components:
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: single files are written as .safetensors only")
-        state = diffusers_to_original(
-            self.unet.state_dict(),
-            self.vae.state_dict(),
-            _text_state_dict(self.text_encoder),
-            self.unet.config.to_dict(),
-            self.vae.config.to_dict(),
-            self.text_kind,
-        )
+        state = self.family.to_original(self)
         state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
         meta = {
+            "family": self.family.name,
             "unet": self.unet.config.to_dict(),
             "vae": self.vae.config.to_dict(),
-            "text_encoder": _text_config_dict(self.text_encoder),
+            **{name: _text_config_dict(model) for name, model in self.text_encoders.items()},
             "scheduler": self.schedule.to_config(),
             "text_kind": self.text_kind,
         }
@@ -168,9 +191,12 @@ def load_components(
 
 
 def _load_folder(folder: Path, dtype, device) -> Components:
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    needed = ["unet", "vae", "text_encoder", "tokenizer"]
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    family = family_of_pipeline(index) if index else (SDXL_BASE if (folder / "text_encoder_2").is_dir() else SD)
+    needed = ["unet", "vae", *(name for part in family.text_parts for name in part[:2])]
     missing = [name for name in needed if not (folder / name).is_dir()]
     if missing:
         hint = ""
@@ -178,7 +204,7 @@ def _load_folder(folder: Path, dtype, device) -> Components:
         if cfg.is_file():
             kind = json.loads(cfg.read_text()).get("_class_name", "a single component")
             hint = f"; this is {kind} folder: point to the model folder above it, which holds {', '.join(needed)}"
-        raise CheckpointError(f"{folder}: missing {', '.join(m + '/' for m in missing)}{hint}")
+        raise CheckpointError(f"{folder}: missing {', '.join(m + '/' for m in missing)} for {family.title}{hint}")
     sched_file = folder / "scheduler" / "scheduler_config.json"
     if sched_file.is_file():
         schedule = NoiseSchedule.from_config(json.loads(sched_file.read_text()), source=str(sched_file))
@@ -188,20 +214,19 @@ def _load_folder(folder: Path, dtype, device) -> Components:
     unet = UNet.from_pretrained(folder / "unet", dtype, device)
     vae = AutoencoderKL.from_pretrained(folder / "vae", dtype, device)
     te_kwargs = {"dtype": dtype} if dtype is not None else {}
-    try:
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **te_kwargs).to(device).eval()
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    except (OSError, ValueError) as e:  # transformers' errors for missing or unreadable files
-        raise CheckpointError(f"{folder}: could not load the text encoder or tokenizer: {e}") from e
-    hidden = text_encoder.config.hidden_size
-    return Components(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        schedule=schedule,
-        text_kind="openclip" if hidden == SD21.text_encoder["hidden_size"] else "clip",
-    )
+    parts: dict[str, Any] = {}
+    for name, tok, kind in family.text_parts:
+        try:
+            parts[name] = _text_model_class(kind).from_pretrained(folder / name, **te_kwargs).to(device).eval()
+            parts[tok] = CLIPTokenizer.from_pretrained(folder / tok)
+        except (OSError, ValueError) as e:  # transformers' errors for missing or unreadable files
+            raise CheckpointError(f"{folder}: could not load {name}/ or {tok}/: {e}") from e
+    text_kind = "clip"
+    if family is SD and parts["text_encoder"].config.hidden_size == SD21.text_encoder["hidden_size"]:
+        text_kind = "openclip"
+    return Components(unet=unet, vae=vae, text_encoder=parts.get("text_encoder"), tokenizer=parts.get("tokenizer"),
+                      schedule=schedule, text_kind=text_kind, text_encoder_2=parts.get("text_encoder_2"),
+                      tokenizer_2=parts.get("tokenizer_2"), family=family)
 
 
 def _load_single_file(path: Path, dtype, device, tokenizer, prediction_type, config) -> Components:
@@ -210,22 +235,27 @@ def _load_single_file(path: Path, dtype, device, tokenizer, prediction_type, con
         configs = _configs_from_folder(Path(config), state)
     else:
         configs = _configs_from_metadata(path) or _configs_for_foreign_file(path, state, prediction_type)
+    family = get_family(configs.get("family", "sd"))
     try:
-        parts = original_to_diffusers(
-            state, configs["unet"], configs["vae"], configs["text_kind"], configs["text_encoder"]["num_hidden_layers"]
-        )
+        weights = family.from_original(state, configs)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    unet = _build(UNet, configs["unet"], parts["unet"], f"{path} (U-Net)", dtype, device)
-    vae = _build(AutoencoderKL, configs["vae"], parts["vae"], f"{path} (VAE)", dtype, device)
-    text_encoder = _build_text_encoder(configs["text_encoder"], parts["text_encoder"], path, dtype, device)
+    unet = _build(UNet, configs["unet"], weights["unet"], f"{path} (U-Net)", dtype, device)
+    vae = _build(AutoencoderKL, configs["vae"], weights["vae"], f"{path} (VAE)", dtype, device)
+    parts: dict[str, Any] = {}
+    for name, tok, kind in family.text_parts:
+        parts[name] = _build_text_encoder(kind, configs[name], weights[name], f"{path} ({name})", dtype, device)
+        parts[tok] = _find_tokenizer(path, tokenizer, tok, second=tok == "tokenizer_2")
     return Components(
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=_find_tokenizer(path, tokenizer),
+        text_encoder=parts.get("text_encoder"),
+        tokenizer=parts.get("tokenizer"),
         schedule=NoiseSchedule.from_config(configs["scheduler"]),
-        text_kind=configs["text_kind"],
+        text_kind=configs.get("text_kind", "clip"),
+        text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=parts.get("tokenizer_2"),
+        family=family,
     )
 
 
@@ -241,7 +271,9 @@ def _configs_from_metadata(path: Path) -> dict[str, Any] | None:
 
 def _configs_for_foreign_file(path: Path, state: dict[str, torch.Tensor], prediction_type: str | None) -> dict:
     found = detect_family(state)
-    if found["family"] == "sd1":
+    if found["family"] in ("sdxl", "sdxl-refiner"):
+        preset = get_preset(found["family"])
+    elif found["family"] == "sd1":
         preset = SD15
     else:
         # SD 2.x files do not say whether they are the 768 px v-prediction model or the 512 px base.
@@ -252,18 +284,21 @@ def _configs_for_foreign_file(path: Path, state: dict[str, torch.Tensor], predic
                 "Pass prediction_type='epsilon' for a 512 px base model.",
                 path,
             )
-    unet = {**preset.unet, "in_channels": found["in_channels"]}
-    text = dict(preset.text_encoder)
-    token_emb = _find_key(state, "token_embedding.weight")
-    if token_emb is not None:
-        text["vocab_size"] = token_emb.shape[0]
-    return {
-        "unet": unet,
+    family = get_family(preset.family)
+    configs = {
+        "family": family.name,
+        "unet": {**preset.unet, "in_channels": found["in_channels"]},
         "vae": preset.vae,
-        "text_encoder": text,
         "scheduler": preset.scheduler,
-        "text_kind": found["text_kind"] or preset.text_kind,
+        "text_kind": found.get("text_kind") or preset.text_kind,
     }
+    for name, _, _ in family.text_parts:
+        configs[name] = dict(getattr(preset, name))
+    if family is SD:
+        token_emb = _find_key(state, "token_embedding.weight")
+        if token_emb is not None:
+            configs["text_encoder"]["vocab_size"] = token_emb.shape[0]
+    return configs
 
 
 def _configs_from_folder(folder: Path, state: dict[str, torch.Tensor]) -> dict:
@@ -274,19 +309,24 @@ def _configs_from_folder(folder: Path, state: dict[str, torch.Tensor]) -> dict:
             raise CheckpointError(f"config={folder}: no {'/'.join(parts)}; pass a diffusers model folder")
         return json.loads(f.read_text())
 
+    index = folder / "model_index.json"
+    family = family_of_pipeline(json.loads(index.read_text())) if index.is_file() else SD
     unet = read("unet", "config.json")
     conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != unet.get("in_channels", 4):
         # an inpainting (9-channel) file read with its base model's folder: the file says how wide it is
         log.info("%s: in_channels %s, as the checkpoint's conv_in has", folder, conv_in.shape[1])
         unet = {**unet, "in_channels": conv_in.shape[1]}
-    return {
+    configs = {
+        "family": family.name,
         "unet": unet,
         "vae": read("vae", "config.json"),
-        "text_encoder": _text_config_dict_from(read("text_encoder", "config.json")),
         "scheduler": read("scheduler", "scheduler_config.json"),
         "text_kind": next((kind for kind, prefix in TEXT_PREFIXES.items() if any(k.startswith(prefix) for k in state)), "clip"),
     }
+    for name, _, _ in family.text_parts:
+        configs[name] = _text_config_dict_from(read(name, "config.json"))
+    return configs
 
 
 def _text_config_dict_from(raw: dict) -> dict:
@@ -309,21 +349,39 @@ def _build(cls, config: dict, state: dict, source: str, dtype, device):
     return model.eval()
 
 
-def _build_text_encoder(config: dict, state: dict, path: Path, dtype, device):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_model_class(kind: str):
+    import transformers
+
+    return getattr(transformers, kind)  # "CLIPTextModel" or "CLIPTextModelWithProjection", from family.text_parts
+
+
+def _new_text_encoder(kind: str, config: dict, tokenizer) -> torch.nn.Module:
+    """A freshly initialised text encoder whose vocabulary and special tokens are the tokenizer's."""
+    from transformers import CLIPTextConfig
+
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    return _text_model_class(kind)(CLIPTextConfig(**{**config, "vocab_size": len(tokenizer), **special})).eval()
+
+
+def _build_text_encoder(kind: str, config: dict, state: dict, source: str, dtype, device):
+    from transformers import CLIPTextConfig
 
     from .weights import load_strict
 
-    model = CLIPTextModel(CLIPTextConfig(**config))
-    load_strict(model, _fit_text_keys(state, model), f"{path} (text encoder)")
+    model = _text_model_class(kind)(CLIPTextConfig(**config))
+    load_strict(model, _fit_text_keys(state, model), source)
     return model.to(device=device, dtype=dtype).eval()
 
 
 def _fit_text_keys(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Match the `text_model.` nesting to the installed transformers (4.x has it, 5.x does not)."""
+    """Match the `text_model.` nesting to the installed transformers (4.x has it in CLIPTextModel,
+    5.x does not; CLIPTextModelWithProjection has it in both, beside `text_projection`)."""
     nested = next(iter(model.state_dict())).startswith(TEXT_PREFIX)
     out = {}
     for k, v in state.items():
+        if k.startswith(PROJECTION):
+            out[k] = v
+            continue
         bare = k[len(TEXT_PREFIX) :] if k.startswith(TEXT_PREFIX) else k
         out[TEXT_PREFIX + bare if nested else bare] = v
     # position_ids is a buffer in some transformers versions and absent in others
@@ -331,10 +389,11 @@ def _fit_text_keys(state: dict[str, torch.Tensor], model: torch.nn.Module) -> di
     return {k: v for k, v in out.items() if k in own or not k.endswith("position_ids")}
 
 
-def _text_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The text encoder's weights in the canonical `text_model.*` layout, without buffers."""
+def text_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A text encoder's weights in the canonical layout, without buffers: `text_model.*`, and
+    `text_projection.weight` for CLIPTextModelWithProjection."""
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-    return {k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k: v for k, v in sd.items()}
+    return {k if k.startswith((TEXT_PREFIX, PROJECTION)) else TEXT_PREFIX + k: v for k, v in sd.items()}
 
 
 _TEXT_CONFIG_KEYS = (
@@ -352,7 +411,7 @@ def _save_text_encoder(model: torch.nn.Module, folder: Path) -> None:
 
     folder.mkdir(parents=True)
     model.config.to_json_file(str(folder / "config.json"))
-    state = {k: v.detach().contiguous().cpu() for k, v in _text_state_dict(model).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in text_state_dict(model).items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -368,18 +427,36 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def _find_tokenizer(path: Path, tokenizer):
+def second_tokenizer(tokenizer):
+    """SDXL's second tokenizer: the same CLIP vocabulary, padding with "!" instead of the end token."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    if "!" in tok.get_vocab():
+        tok.pad_token = "!"
+    return tok
+
+
+def _find_tokenizer(path: Path, given, name: str = "tokenizer", second: bool = False):
+    """A single file's tokenizer: `given` (an object, a tokenizer folder or a model folder holding
+    `name/`), else `name/` beside the file. SDXL's second tokenizer falls back to the first one's
+    vocabulary padding with "!", which is what it is."""
     from transformers import CLIPTokenizer
 
-    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    candidates = [Path(tokenizer)] if tokenizer is not None else [path.parent / "tokenizer", path.with_suffix("") / "tokenizer"]
+    if given is not None and not isinstance(given, (str, os.PathLike)):
+        return second_tokenizer(given) if second else given
+    if given is not None:  # a tokenizer folder, or a model folder holding `name/`
+        candidates = [Path(given) / name] + ([Path(given)] if name == "tokenizer" else [])
+    else:
+        candidates = [path.parent / name, path.with_suffix("") / name]
     for folder in candidates:
-        if folder.is_dir():
+        if (folder / "tokenizer_config.json").is_file() or (folder / "vocab.json").is_file():
             return CLIPTokenizer.from_pretrained(str(folder))
+    if second:
+        return second_tokenizer(_find_tokenizer(path, given, "tokenizer"))
     raise CheckpointError(
         f"{path}: single-file checkpoints carry no tokenizer. Pass tokenizer=FOLDER (for example the tokenizer/ "
-        "folder of any SD 1.x or 2.x diffusers model; the CLIP vocabulary is the same) or put a tokenizer/ "
+        "folder of any SD 1.x, 2.x or SDXL diffusers model; the CLIP vocabulary is the same) or put a tokenizer/ "
         f"folder beside the file (looked in: {', '.join(str(c) for c in candidates)})"
     )
 

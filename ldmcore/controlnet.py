@@ -1,11 +1,11 @@
 """ControlNet (Zhang et al. 2023): a trainable copy of the U-Net's encoder that steers a frozen U-Net
 through a conditioning image (edges, depth, pose, ...).
 
-The copy (time embedding, conv_in, down blocks, mid block) starts as the base U-Net's weights. A small
-convolutional encoder brings the pixel-space control image down to latent size and adds it to conv_in's
-output; its last conv starts at zero. Every skip and the mid block's output pass through a 1x1 conv that
-also starts at zero, and are added to the U-Net's own skips. An untrained ControlNet therefore adds
-exact zeros, and training starts from the base model's behaviour.
+The copy (time embedding, SDXL's added-conditioning MLP, conv_in, down blocks, mid block) starts as the
+base U-Net's weights. A small convolutional encoder brings the pixel-space control image down to latent
+size and adds it to conv_in's output; its last conv starts at zero. Every skip and the mid block's
+output pass through a 1x1 conv that also starts at zero, and are added to the U-Net's own skips. An
+untrained ControlNet therefore adds exact zeros, and training starts from the base model's behaviour.
 
 Reading order: config, the conditioning-image encoder, the model, the generation helper. Parameter
 and config names are diffusers' `ControlNetModel`'s, so folders load both ways.
@@ -23,7 +23,8 @@ from torch.nn import functional as F
 
 from .modeling import ConfigModel, ModelConfig, maybe_checkpoint
 from .resnet import TimestepEmbedding
-from .unet import CROSS_DOWN, CROSS_UP, MID, PLAIN_DOWN, PLAIN_UP, MidBlock, UNet, UNetConfig, down_blocks, embed_timesteps
+from .unet import (CROSS_DOWN, CROSS_UP, MID, PLAIN_DOWN, PLAIN_UP, MidBlock, UNet, UNetConfig, added_embedding,
+                   down_blocks, embed_added_conditions, embed_timesteps)
 from .weights import CheckpointError
 
 # the U-Net config keys the ControlNet's encoder copy shares
@@ -32,6 +33,7 @@ SHARED_KEYS = (
     "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "norm_num_groups",
     "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
     "use_linear_projection", "upcast_attention",
+    "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",  # SDXL
 )
 
 
@@ -62,6 +64,10 @@ class ControlNetConfig(ModelConfig):
     # the conditioning encoder's widths; one stride-2 conv between neighbours, so 2**(n-1) must be the
     # VAE's downscale factor (SD: 8, four entries)
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    # SDXL's added conditioning, as in the U-Net config (the copy has the U-Net's add_embedding)
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     _class_name = "ControlNetModel"
     _fixed = {
@@ -69,11 +75,8 @@ class ControlNetConfig(ModelConfig):
         "encoder_hid_dim": None,
         "encoder_hid_dim_type": None,
         "class_embed_type": None,
-        "addition_embed_type": None,
-        "addition_time_embed_dim": None,
         "num_class_embeds": None,
         "resnet_time_scale_shift": "default",
-        "projection_class_embeddings_input_dim": None,
         "global_pool_conditions": False,
         "addition_embed_type_num_heads": 64,
     }
@@ -156,6 +159,7 @@ class ControlNet(ConfigModel):
         # registration order is diffusers', so state dicts list keys identically
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+        self.add_embedding = added_embedding(config, temb_ch)  # SDXL; not registered when None
         self.controlnet_cond_embedding = ConditioningEmbedding(
             config.conditioning_channels, config.conditioning_embedding_out_channels, ch[0]
         )
@@ -180,8 +184,9 @@ class ControlNet(ConfigModel):
             controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
         )
         model = cls(config).to(unet.device, unet.dtype)
-        for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
-            getattr(model, name).load_state_dict(getattr(unet, name).state_dict(), strict=True)
+        for name in ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block"):
+            if getattr(unet, name) is not None:
+                getattr(model, name).load_state_dict(getattr(unet, name).state_dict(), strict=True)
         return model
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -196,10 +201,12 @@ class ControlNet(ConfigModel):
         encoder_hidden_states: torch.Tensor,
         controlnet_cond: torch.Tensor,
         conditioning_scale: float = 1.0,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """sample (b, in_channels, h, w), timestep () or (b,), encoder_hidden_states (b, tokens, cross_dim),
         controlnet_cond (b, conditioning_channels, h * downscale, w * downscale) in [0, 1]
-        -> (one residual per U-Net skip, the mid-block residual), each times `conditioning_scale`."""
+        -> (one residual per U-Net skip, the mid-block residual), each times `conditioning_scale`.
+        added_cond_kwargs: SDXL's {"text_embeds", "time_ids"}, as for `UNet.forward`."""
         cfg = self.config
         want = (sample.shape[0], cfg.conditioning_channels, sample.shape[2] * cfg.downscale, sample.shape[3] * cfg.downscale)
         if tuple(controlnet_cond.shape) != want:
@@ -211,6 +218,9 @@ class ControlNet(ConfigModel):
         if cfg.controlnet_conditioning_channel_order == "bgr":
             controlnet_cond = controlnet_cond.flip(1)
         temb = embed_timesteps(self.time_embedding, cfg, timestep, sample)  # (b, 4 * c0)
+        added = embed_added_conditions(self.add_embedding, cfg, added_cond_kwargs, temb)
+        if added is not None:
+            temb = temb + added  # (b, 4 * c0)
         context = encoder_hidden_states
 
         x = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond.to(sample.dtype))  # (b, c0, h, w)
@@ -250,7 +260,7 @@ def generate_controlled(
     """`ldmcore.pipeline.generate` steered by `controlnet`: one control image for all prompts, or one each.
     height / width default to the control image's size (rounded down to the VAE factor), as diffusers'
     StableDiffusionControlNetPipeline does; other keywords are `generate`'s."""
-    from .pipeline import generate
+    from .pipeline import _cast, generate
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     images = [control_image] * len(prompts) if isinstance(control_image, Image.Image) else list(control_image)
@@ -262,11 +272,13 @@ def generate_controlled(
     cond = control_images_to_tensor(images, width, height).to(controlnet.device, controlnet.dtype)  # (n, 3, H, W)
     unet_dtype = components.unet.dtype
 
-    def residuals(x_t, t, encoder_hidden_states):
-        # classifier-free guidance batches [uncond; cond]: the control images repeat to x_t's batch
+    def residuals(x_t, t, inputs):
+        # inputs: the U-Net call's conditioning (encoder_hidden_states, SDXL's added_cond_kwargs), which the
+        # ControlNet takes too. Classifier-free guidance batches [uncond; cond]: the control images repeat
+        # to x_t's batch.
         c = cond.repeat(x_t.shape[0] // cond.shape[0], 1, 1, 1)
-        down, mid = controlnet(x_t.to(controlnet.dtype), t, encoder_hidden_states.to(controlnet.dtype), c,
-                               conditioning_scale)
+        down, mid = controlnet(x_t.to(controlnet.dtype), t, controlnet_cond=c, conditioning_scale=conditioning_scale,
+                               **_cast(inputs, controlnet.dtype))
         return {"down_block_additional_residuals": [d.to(unet_dtype) for d in down],
                 "mid_block_additional_residual": mid.to(unet_dtype)}
 

@@ -1,7 +1,7 @@
 """The original ControlNet release's single-file layout (lllyasviel's cldm), both ways.
 
 The original ControlNet is the U-Net's encoder under the U-Net's own original names (`time_embed`,
-`input_blocks`, `middle_block`), plus:
+`input_blocks`, `middle_block`; SDXL ControlNets also `label_emb`, the added conditioning), plus:
     input_hint_block.{0, 2, 4, ...}  the conditioning-image convs (odd indices are the SiLUs between them)
     zero_convs.N.0                   the 1x1 zero conv on skip N
     middle_block_out.0               the 1x1 zero conv on the mid block
@@ -25,7 +25,7 @@ from .weights import CheckpointError, load_strict, read_state_dict
 
 PREFIX = "control_model."
 METADATA_KEY = "ldm_tune.controlnet"  # JSON of the ControlNetConfig in files we write
-_ENCODER = ("conv_in", "time_embedding.", "down_blocks.", "mid_block.")
+_ENCODER = ("conv_in", "time_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
 
 
 def _modules(config: ControlNetConfig) -> list[_Module]:

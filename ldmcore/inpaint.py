@@ -140,7 +140,7 @@ def inpaint(
 def _inputs(mask: torch.Tensor, masked_latents: torch.Tensor):
     """generate's `unet_inputs`: the inpainting channels, repeated to fit classifier-free guidance's
     [uncond; cond] batch."""
-    def unet_inputs(x_t, t, encoder_hidden_states):
+    def unet_inputs(x_t, t, inputs):
         reps = x_t.shape[0] // mask.shape[0]
         m, z = mask.to(x_t.device).repeat(reps, 1, 1, 1), masked_latents.to(x_t.device).repeat(reps, 1, 1, 1)
         return {"sample": inpainting_input(x_t, m, z)}

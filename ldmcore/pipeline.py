@@ -37,6 +37,15 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+def _batch_ids(ids: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
+    return None if ids is None else ids.to(device).expand(batch, -1)  # (n,) -> (b, n)
+
+
+def _cast(inputs: dict, dtype: torch.dtype) -> dict:
+    """The conditioning inputs in the U-Net's dtype, nested dicts included."""
+    return {k: _cast(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in inputs.items()}
+
+
 @torch.no_grad()
 def generate(
     components: Components,
@@ -57,7 +66,7 @@ def generate(
     output: str = "pil",
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
-    unet_inputs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict] | None = None,
+    unet_inputs: Callable[[torch.Tensor, torch.Tensor, dict], dict] | None = None,
 ) -> list[Image.Image] | torch.Tensor:
     """Sample images for `prompt` (one image per prompt).
 
@@ -66,9 +75,15 @@ def generate(
     fixes the noise: a CPU generator, so the same seed gives the same start on every device.
     `output="latent"` returns the final latents instead of images.
 
-    `unet_inputs(x_t, t, encoder_hidden_states)` adds inputs to every U-Net call (ControlNet
-    residuals, the inpainting channels); it may return "sample" to replace x_t. Classifier-free
-    guidance may batch the conditional and unconditional halves, so it must fit x_t's batch.
+    The text and size conditioning are the model family's (`components.family`): for SDXL the
+    pooled embedding and the size ids (original = target = the asked size, no crop), and an empty
+    negative prompt conditions on zeros, as diffusers' SDXL pipelines do by default.
+
+    `unet_inputs(x_t, t, inputs)` adds inputs to every U-Net call (ControlNet residuals, the
+    inpainting channels); `inputs` are the conditioning keyword inputs of that call
+    (encoder_hidden_states, and added_cond_kwargs for SDXL). It may return "sample" to replace x_t.
+    Classifier-free guidance may batch the conditional and unconditional halves, so it must fit
+    x_t's batch.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
@@ -84,17 +99,25 @@ def generate(
     if height % factor or width % factor:
         raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
 
+    family = components.family
     encoder = components.prompt_encoder(clip_skip=clip_skip)
-    cond = encoder(prompts)
-    uncond = encoder(negatives)
-    cond, uncond = pad_to_same_length(cond, uncond, encoder([""]))
+    cond, uncond = encoder(prompts), encoder(negatives)  # {"hidden": (b, tokens, width), ["pooled": (b, p)]}
+    empty = family.empty_text(encoder([""]))
+    if family.zero_empty_prompt:  # rows with an empty negative prompt condition on zeros
+        blank = torch.tensor([n == "" for n in negatives], device=uncond["hidden"].device)
+        uncond = {k: torch.where(blank.view(-1, *[1] * (v.ndim - 1)), torch.zeros_like(v), v) for k, v in uncond.items()}
+    cond["hidden"], uncond["hidden"] = pad_to_same_length(cond["hidden"], uncond["hidden"], empty["hidden"])
+    cond_inputs, uncond_inputs = (
+        family.denoiser_inputs(text, _batch_ids(family.generation_ids(height, width, negative=negative), len(prompts), device))
+        for text, negative in ((cond, False), (uncond, True))
+    )
 
-    def unet_call(x_t, t, encoder_hidden_states):
-        extra = unet_inputs(x_t, t, encoder_hidden_states) if unet_inputs is not None else {}
+    def unet_call(x_t, t, **inputs):
+        extra = unet_inputs(x_t, t, inputs) if unet_inputs is not None else {}
         sample = extra.pop("sample", x_t)
-        return unet(sample.to(dtype), t, encoder_hidden_states.to(dtype), **extra).float()
+        return unet(sample.to(dtype), t, **_cast(inputs, dtype), **extra).float()
 
-    model = classifier_free_guidance(unet_call, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}, guidance_scale)
+    model = classifier_free_guidance(unet_call, cond_inputs, uncond_inputs, guidance_scale)
     step_fn, grid_style = SAMPLERS[sampler]
     if sampler == "ddim":
         step_fn = functools.partial(ddim, eta=eta)

@@ -10,10 +10,15 @@ from typing import Any
 class Preset:
     unet: dict[str, Any]
     vae: dict[str, Any]
-    text_encoder: dict[str, Any]  # transformers CLIPTextConfig keys
+    text_encoder: dict[str, Any] | None  # transformers CLIPTextConfig keys; None: no such encoder (SDXL refiner)
     scheduler: dict[str, Any]  # diffusers scheduler config keys
     resolution: int  # native image side in pixels; the latent side is resolution // 2**(VAE levels - 1)
-    text_kind: str = "clip"  # "clip" (SD 1.x, OpenAI CLIP) or "openclip" (SD 2.x) in single-file checkpoints
+    text_kind: str = "clip"  # family "sd": "clip" (SD 1.x, OpenAI CLIP) or "openclip" (SD 2.x) in single files
+    # SDXL's second encoder (OpenCLIP bigG in HF names): CLIPTextConfig keys for CLIPTextModelWithProjection
+    text_encoder_2: dict[str, Any] | None = None
+    # "sd" (1.x / 2.x: one text encoder), "sdxl" (two encoders, added conditioning) or "sdxl-refiner" (the
+    # second encoder only): a name in ldmcore.family.FAMILIES
+    family: str = "sd"
 
 
 _SD_SCHEDULER = {
@@ -183,8 +188,116 @@ TEST_WORLD = Preset(  # the test suite's smaller world (trainers.tiny_world.TEST
     resolution=32,
 )
 
+# SDXL --------------------------------------------------------------------------------------------
+
+_SDXL_VAE = {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025}  # SD's architecture, retrained
+_BIGG_TEXT = {  # OpenCLIP ViT-bigG/14 text tower, all 32 layers (SDXL reads the penultimate hidden state)
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+_TEXT_TIME = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256}
+
+SDXL = Preset(  # stable-diffusion-xl-base-1.0
+    unet={
+        **_SD_UNET_BLOCKS,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [320, 640, 1280],
+        "transformer_layers_per_block": [1, 2, 10],  # level 0 has no attention; the mid block takes the last
+        "attention_head_dim": [5, 10, 20],  # heads per level: 64-wide heads
+        "use_linear_projection": True,
+        "cross_attention_dim": 2048,  # CLIP-L 768 + bigG 1280, concatenated
+        **_TEXT_TIME,
+        "projection_class_embeddings_input_dim": 2816,  # pooled bigG 1280 + 6 time ids x 256
+        "sample_size": 128,
+    },
+    vae=_SDXL_VAE,
+    text_encoder=SD15.text_encoder,  # OpenAI CLIP ViT-L/14
+    text_encoder_2=_BIGG_TEXT,
+    scheduler=_SD_SCHEDULER,
+    resolution=1024,
+    family="sdxl",
+)
+
+SDXL_REFINER = Preset(  # stable-diffusion-xl-refiner-1.0: bigG only; an aesthetic score replaces the target size
+    unet={
+        **_SD_UNET_BLOCKS,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [384, 768, 1536, 1536],
+        "transformer_layers_per_block": 4,  # on the two attention levels and the mid block
+        "attention_head_dim": [6, 12, 24, 24],
+        "use_linear_projection": True,
+        "cross_attention_dim": 1280,
+        **_TEXT_TIME,
+        "projection_class_embeddings_input_dim": 2560,  # pooled bigG 1280 + 5 time ids x 256
+        "sample_size": 128,
+    },
+    vae=_SDXL_VAE,
+    text_encoder=None,
+    text_encoder_2=_BIGG_TEXT,
+    scheduler=_SD_SCHEDULER,
+    resolution=1024,
+    family="sdxl-refiner",
+)
+
+_TINY_SDXL_UNET = {  # SDXL's layout: no attention on level 0, deeper transformers lower down, two resnets per level
+    **TINY.unet,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 1, 2],
+    "attention_head_dim": [2, 4, 4],
+    "use_linear_projection": True,
+    "cross_attention_dim": 32 + 48,  # the two encoders' widths
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 48 + 6 * 8,  # pooled second encoder + 6 time ids
+}
+_TINY_TEXT = {
+    "vocab_size": 1000,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 32,
+}
+
+TINY_SDXL = Preset(  # for tests
+    unet=_TINY_SDXL_UNET,
+    vae={**TINY.vae, "scaling_factor": 0.13025},
+    text_encoder=_TINY_TEXT,
+    # wider than the first, as bigG is wider than CLIP-L: diffusers' single-file reader tells the two encoders
+    # apart by width only, and a swapped encoder or pooled output then fails on shapes
+    text_encoder_2={**_TINY_TEXT, "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48,
+                    "hidden_act": "gelu"},
+    scheduler=_SD_SCHEDULER,
+    resolution=32,
+    family="sdxl",
+)
+
+TINY_SDXL_REFINER = Preset(  # for tests: the second encoder only
+    unet={**_TINY_SDXL_UNET, "cross_attention_dim": 48, "projection_class_embeddings_input_dim": 48 + 5 * 8},
+    vae=TINY_SDXL.vae,
+    text_encoder=None,
+    text_encoder_2=TINY_SDXL.text_encoder_2,
+    scheduler=_SD_SCHEDULER,
+    resolution=32,
+    family="sdxl-refiner",
+)
+
 PRESETS: dict[str, Preset] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY, "tiny-world": TINY_WORLD,
-                              "test-world": TEST_WORLD}
+                              "test-world": TEST_WORLD, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER,
+                              "tiny-sdxl": TINY_SDXL, "tiny-sdxl-refiner": TINY_SDXL_REFINER}
 
 
 def get_preset(name: str) -> Preset:

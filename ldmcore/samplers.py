@@ -86,15 +86,14 @@ class Denoiser:
         return self.schedule.prediction_to_x0(x_t.to(dtype), out.to(dtype), c_in, sigma * c_in).to(x.dtype)
 
 
-def classifier_free_guidance(
-    model: Model, cond: Mapping[str, torch.Tensor], uncond: Mapping[str, torch.Tensor], scale: float
-) -> Model:
+def classifier_free_guidance(model: Model, cond: Mapping[str, Any], uncond: Mapping[str, Any], scale: float) -> Model:
     """model(x_t, t, **cond) -> model(x_t, t) giving uncond + scale * (cond - uncond), from one call on the
-    batch [uncond; cond] (diffusers' order). cond / uncond: keyword tensors with batch first, e.g.
-    {"encoder_hidden_states": (b, 77, 768)}; the negative prompt goes in uncond."""
+    batch [uncond; cond] (diffusers' order). cond / uncond: keyword inputs with batch first, tensors or
+    dicts of tensors, e.g. {"encoder_hidden_states": (b, 77, 2048), "added_cond_kwargs": {"text_embeds":
+    (b, 1280), "time_ids": (b, 6)}}; the negative prompt goes in uncond."""
     if set(cond) != set(uncond):
         raise ValueError(f"classifier_free_guidance: cond has keys {sorted(cond)} but uncond has {sorted(uncond)}")
-    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # (2b, ...)
+    both = _concat(uncond, cond)  # (2b, ...)
 
     def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if scale == 1.0:
@@ -104,6 +103,11 @@ def classifier_free_guidance(
         return out_uncond + scale * (out_cond - out_uncond)
 
     return guided
+
+
+def _concat(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Concatenate two keyword-input dicts on the batch axis, into nested dicts."""
+    return {k: _concat(a[k], b[k]) if isinstance(a[k], Mapping) else torch.cat([a[k], b[k]]) for k in a}
 
 
 # --- the step grid ---

@@ -8,6 +8,9 @@ OpenCLIP names). Converting is renaming plus two reshapes: the VAE's mid-block a
 1x1 convolutions in the original and Linear layers in diffusers, and OpenCLIP fuses q, k and v into one
 `in_proj` matrix.
 
+SDXL files (Stability's "sgm" layout) share the U-Net and VAE tables here; their two text encoders and
+the public functions for them are in single_file_sdxl.py. `detect_family` tells all of them apart.
+
 Reading order: the renaming engine (a list of `_Module`s, each one submodule under its two names), the
 tables per model, the public `original_to_diffusers` / `diffusers_to_original`, then `detect_family`.
 """
@@ -21,6 +24,7 @@ import torch
 from .weights import CheckpointError, preview_keys
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
+SDXL_TEXT = "conditioner.embedders."  # where SDXL files keep their text encoders
 TEXT_PREFIXES = {"clip": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model."}
 TextKind = Literal["clip", "openclip"]
 StateDict = dict[str, torch.Tensor]
@@ -100,6 +104,11 @@ _OPENCLIP_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn
 # OpenCLIP entries a text encoder does not use: the contrastive head and the causal-mask buffer.
 _OPENCLIP_DROPPED = {"text_projection", "logit_scale", "attn_mask"}
 _SHORTCUT = _weights_and_biases("conv_shortcut")
+# what every block of a spatial transformer holds (the q, k, v projections have no bias)
+_TRANSFORMER_BLOCK_NEEDS = (
+    *_weights_and_biases("norm1", "norm2", "norm3", "attn1.to_out.0", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"),
+    *(f"attn{a}.to_{p}.weight" for a in (1, 2) for p in "qkv"),
+)
 
 
 def _read(config: Any, what: str, *keys: str) -> list[Any]:
@@ -113,6 +122,12 @@ def _read(config: Any, what: str, *keys: str) -> list[Any]:
     return [config[k] for k in keys]
 
 
+def _config_get(config: Any, key: str) -> Any:
+    """An optional entry of a config dict or ldmcore config; None when absent."""
+    config = config.to_dict() if hasattr(config, "to_dict") else config
+    return config.get(key)
+
+
 def _unet_modules(config: Any) -> list[_Module]:
     keys = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types")
     ch, per_level, down_types, up_types = _read(config, "U-Net", *keys)
@@ -121,25 +136,31 @@ def _unet_modules(config: Any) -> list[_Module]:
     def resnet(d: str, o: str, shortcut: bool) -> _Module:
         return _Module(d, o, _UNET_RESNET, needs + (_SHORTCUT if shortcut else ()))
 
-    def transformer(d: str, o: str) -> _Module:  # spatial transformers keep every name below them
-        return _Module(d, o, required=("norm.weight", "norm.bias", "proj_in.weight", "proj_out.weight"))
+    depths = _config_get(config, "transformer_layers_per_block") or 1
+    depths = tuple(depths) if isinstance(depths, (list, tuple)) else (depths,) * len(ch)
+
+    def transformer(d: str, o: str, depth: int) -> _Module:  # spatial transformers keep every name below them
+        blocks = tuple(f"transformer_blocks.{b}.{k}" for b in range(depth) for k in _TRANSFORMER_BLOCK_NEEDS)
+        return _Module(d, o, required=("norm.weight", "norm.bias", "proj_in.weight", "proj_out.weight", *blocks))
 
     mods = [
         _Module("conv_in", "input_blocks.0.0"),
         _Module("time_embedding.linear_1", "time_embed.0"),
         _Module("time_embedding.linear_2", "time_embed.2"),
         resnet("mid_block.resnets.0", "middle_block.0", False),
-        transformer("mid_block.attentions.0", "middle_block.1"),
+        transformer("mid_block.attentions.0", "middle_block.1", depths[-1]),
         resnet("mid_block.resnets.1", "middle_block.2", False),
         _Module("conv_norm_out", "out.0"),
         _Module("conv_out", "out.2"),
     ]
+    if _config_get(config, "addition_embed_type") == "text_time":  # SDXL's added conditioning MLP
+        mods += [_Module("add_embedding.linear_1", "label_emb.0.0"), _Module("add_embedding.linear_2", "label_emb.0.2")]
     n = 1  # input_blocks.0 is conv_in; then one input block per resnet and per downsampler
     for i in range(len(ch)):
         for j in range(per_level):
             mods.append(resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{n}.0", j == 0 and ch[max(i - 1, 0)] != ch[i]))
             if "CrossAttn" in down_types[i]:
-                mods.append(transformer(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{n}.1"))
+                mods.append(transformer(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{n}.1", depths[i]))
             n += 1
         if i < len(ch) - 1:
             mods.append(_Module(f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{n}.0.op"))
@@ -151,7 +172,7 @@ def _unet_modules(config: Any) -> list[_Module]:
             # up resnets read their input concatenated with a skip, so they always have a shortcut
             mods.append(resnet(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{n}.0", True))
             if cross:
-                mods.append(transformer(f"up_blocks.{i}.attentions.{j}", f"output_blocks.{n}.1"))
+                mods.append(transformer(f"up_blocks.{i}.attentions.{j}", f"output_blocks.{n}.1", depths[::-1][i]))
             n += 1
         if i < len(ch) - 1:
             mods.append(_Module(f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{n - 1}.{2 if cross else 1}.conv"))
@@ -195,7 +216,8 @@ def _vae_modules(config: Any) -> list[_Module]:
 
 
 def _openclip_modules(layers: int) -> list[_Module]:
-    layer_needs = _weights_and_biases("layer_norm1", "layer_norm2", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+    layer_needs = _weights_and_biases("layer_norm1", "layer_norm2", "self_attn.q_proj", "self_attn.k_proj",
+                                      "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
     return [
         _Module("embeddings.token_embedding", "token_embedding", required=("weight",)),
         _Module("embeddings.position_embedding.weight", "positional_embedding", required=("",)),
@@ -229,6 +251,15 @@ def _split_qkv(state_dict: StateDict) -> StateDict:
     return out
 
 
+def _check_fused_qkv(state_dict: Mapping[str, torch.Tensor], prefix: str, what: str) -> None:
+    """Name absent `attn.in_proj_*` as the file spells them (the split would only report q_proj missing)."""
+    layers = _count_layers(state_dict, "transformer.resblocks.")
+    missing = [f"{prefix}transformer.resblocks.{i}.attn.in_proj_{p}" for i in range(layers) for p in ("weight", "bias")
+               if f"transformer.resblocks.{i}.attn.in_proj_{p}" not in state_dict]
+    if missing:
+        raise CheckpointError(f"{what}: the checkpoint lacks {preview_keys(missing)}; the file is incomplete")
+
+
 def _fuse_qkv(state_dict: StateDict) -> StateDict:
     out = {}
     for key, tensor in state_dict.items():
@@ -260,6 +291,7 @@ def _text_to_diffusers(state_dict: Mapping[str, torch.Tensor], kind: str, layers
         out = {k.removeprefix("text_model."): v for k, v in own.items()}
         out.pop("embeddings.position_ids", None)  # a constant buffer, not a weight
     else:
+        _check_fused_qkv(own, prefix, "text encoder")
         own = _split_qkv({k: v for k, v in own.items() if k not in _OPENCLIP_DROPPED})
         out = _convert(own, _openclip_modules(_count_layers(own, "transformer.resblocks.")), False, "text encoder", prefix)
     have = _count_layers(out, "encoder.layers.")
@@ -293,6 +325,11 @@ def original_to_diffusers(
     target text encoder's num_hidden_layers: extra trailing layers in the file are dropped. Keys outside
     the three models (model_ema.*, alphas_cumprod, betas, ...) are ignored."""
     _refuse_other_formats(list(state_dict))
+    if is_sdxl(state_dict):
+        raise CheckpointError(
+            "this is an SDXL (sgm layout) checkpoint, not SD 1.x/2.x: read it with "
+            "ldmcore.single_file_sdxl.original_to_diffusers (load_components does so)"
+        )
     # first_stage_model.loss.* is the autoencoder's training loss (LPIPS, discriminator), not the VAE
     vae = {k: v for k, v in _strip(state_dict, VAE).items() if not k.startswith("loss.")}
     return {
@@ -317,14 +354,26 @@ def diffusers_to_original(
 _CONTEXT_DIMS = {768: "sd1", 1024: "sd2"}  # width of the text encoder the U-Net cross-attends to
 
 
+def is_sdxl(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether an original single file is SDXL's (sgm) layout: text encoders under `conditioner.embedders.`,
+    or the U-Net's added-conditioning MLP `label_emb`."""
+    return any(k.startswith((SDXL_TEXT, UNET + "label_emb.")) for k in state_dict)
+
+
 def detect_family(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """What an original single-file checkpoint is, from its keys and shapes.
 
-    Returns family ("sd1" | "sd2"), text_kind ("clip" | "openclip" | None when the file has no text
-    encoder), cross_attention_dim, in_channels, inpainting, use_linear_projection, and prediction_type
-    None: epsilon and v-prediction files have the same keys, so the caller must say which (SD 2.x 768px
-    models predict v)."""
+    Returns family ("sd1" | "sd2" | "sdxl" | "sdxl-refiner"), text_kind ("clip" | "openclip" | None when
+    the file has no text encoder; always None for SDXL, whose encoders the family fixes),
+    cross_attention_dim, in_channels, inpainting, use_linear_projection, and prediction_type None: epsilon
+    and v-prediction files have the same keys, so the caller must say which (SD 2.x 768px models predict
+    v). SDXL files add projection_class_embeddings_input_dim and text_encoders (the components present);
+    see single_file_sdxl.detect_sdxl."""
     _refuse_other_formats(list(state_dict))
+    if is_sdxl(state_dict):
+        from .single_file_sdxl import detect_sdxl
+
+        return detect_sdxl(state_dict)
     conv_in = state_dict.get(UNET + "input_blocks.0.0.weight")
     to_k = state_dict.get(UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     proj_in = state_dict.get(UNET + "input_blocks.1.1.proj_in.weight")
@@ -359,8 +408,6 @@ def _refuse_other_formats(keys: list[str]) -> None:
             f"this looks like a LoRA file ({len(lora)} keys such as {lora[0]!r}), not a full checkpoint: "
             "load a base model and apply the LoRA to it as an adapter"
         )
-    if any(k.startswith(("conditioner.embedders.", UNET + "label_emb.")) for k in keys):
-        raise CheckpointError("SDXL single-file checkpoints are not supported yet")
     if any(k.startswith(UNET) for k in keys):
         return
     diffusers_like = [k for k in keys if {"down_blocks", "up_blocks", "mid_block", "text_model"} & set(k.split(".")[:2])]
@@ -370,3 +417,14 @@ def _refuse_other_formats(keys: list[str]) -> None:
             "single-file checkpoint: load it as a diffusers model folder (from_pretrained) instead"
         )
     raise CheckpointError(f"no model.diffusion_model.* keys, so not a Stable Diffusion checkpoint; keys: {preview_keys(keys)}")
+
+
+def unet_module_names(config: Any) -> dict[str, str]:
+    """diffusers module name -> original (sgm / ldm) module name, for every U-Net module the renaming tables
+    know, ResNet layers included (`down_blocks.0.resnets.0.conv1` -> `input_blocks.1.0.in_layers.2`). Names
+    below a spatial transformer are the same on both sides. For files that name modules, not weights (LoRA)."""
+    names = {}
+    for m in _unet_modules(config):
+        names[m.diffusers] = m.original
+        names.update({f"{m.diffusers}.{d}": f"{m.original}.{o}" for d, o in m.inner})
+    return names

@@ -35,20 +35,7 @@ class PromptEncoder(nn.Module):
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """prompts -> token ids (b, windows * 77). All prompts get as many windows as the longest needs."""
-        tok = self.tokenizer
-        body = WINDOW - 2
-        ids = tok(list(prompts), add_special_tokens=False, truncation=False)["input_ids"]
-        ids = [x[: body * self.max_windows] for x in ids]
-        windows = max(1, max((len(x) + body - 1) // body for x in ids))
-        out = torch.full((len(ids), windows * WINDOW), tok.pad_token_id, dtype=torch.long)
-        for row, x in enumerate(ids):
-            for w in range(windows):
-                chunk = x[w * body : (w + 1) * body]
-                start = w * WINDOW
-                out[row, start] = tok.bos_token_id
-                out[row, start + 1 : start + 1 + len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-                out[row, start + 1 + len(chunk)] = tok.eos_token_id
-        return out
+        return tokenize_windows(self.tokenizer, prompts, self.max_windows)
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """token ids (b, windows * 77) -> hidden states (b, windows * 77, width)."""
@@ -70,6 +57,28 @@ class PromptEncoder(nn.Module):
         if isinstance(prompts, str):
             prompts = [prompts]
         return self.encode_ids(self.tokenize(prompts))
+
+
+def tokenize_windows(tokenizer, prompts: Sequence[str], max_windows: int, min_windows: int = 1) -> torch.Tensor:
+    """prompts -> token ids (b, windows * 77) in 77-token windows, each BOS + up to 75 prompt tokens
+    + EOS, the rest `tokenizer.pad_token_id`.
+
+    A prompt is cut at `max_windows * 75` tokens; every prompt gets as many windows as the longest
+    needs, and at least `min_windows` (so that two tokenizers of one model can be given the same count).
+    """
+    body = WINDOW - 2
+    ids = tokenizer(list(prompts), add_special_tokens=False, truncation=False)["input_ids"]
+    ids = [x[: body * max_windows] for x in ids]
+    windows = max(min_windows, max((len(x) + body - 1) // body for x in ids))
+    out = torch.full((len(ids), windows * WINDOW), tokenizer.pad_token_id, dtype=torch.long)
+    for row, x in enumerate(ids):
+        for w in range(windows):
+            chunk = x[w * body : (w + 1) * body]
+            start = w * WINDOW
+            out[row, start] = tokenizer.bos_token_id
+            out[row, start + 1 : start + 1 + len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+            out[row, start + 1 + len(chunk)] = tokenizer.eos_token_id
+    return out
 
 
 def pad_to_same_length(a: torch.Tensor, b: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,14 @@
-"""The Stable Diffusion 1.x/2.x conditional U-Net, written from the architecture description.
+"""The Stable Diffusion 1.x/2.x/XL conditional U-Net, written from the architecture description.
 
-Reading order: config, the down / mid / up blocks, the model. Parameter names are diffusers'
-(`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, ...), so a state dict of
-`UNet` and of diffusers' `UNet2DConditionModel` built from the same config.json are interchangeable.
+SDXL adds one input beside the timestep: the pooled text embedding and a few numbers about the image
+(original size, crop corner, target size; the refiner has an aesthetic score in place of the target
+size), each number embedded like a timestep. Their MLP's output is added to the time embedding
+(diffusers' `addition_embed_type: "text_time"`).
+
+Reading order: config, the down / mid / up blocks, the added conditioning, the model. Parameter
+names are diffusers' (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, ...), so a
+state dict of `UNet` and of diffusers' `UNet2DConditionModel` built from the same config.json are
+interchangeable.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from .weights import CheckpointError
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 MID = "UNetMidBlock2DCrossAttn"
+TEXT_TIME = "text_time"  # SDXL's added conditioning, diffusers' name
 
 
 @dataclasses.dataclass
@@ -52,6 +59,12 @@ class UNetConfig(ModelConfig):
     mid_block_scale_factor: float = 1.0
     dropout: float = 0.0
     center_input_sample: bool = False
+    # SDXL's added conditioning: "text_time", or None for none (SD 1.x/2.x). Its MLP reads the pooled text
+    # embedding followed by every time id embedded at addition_time_embed_dim:
+    # projection_class_embeddings_input_dim = pooled width + number of time ids * addition_time_embed_dim.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     _class_name = "UNet2DConditionModel"
     _fixed = {
@@ -59,9 +72,6 @@ class UNetConfig(ModelConfig):
         "dual_cross_attention": False,
         "class_embed_type": None,
         "num_class_embeds": None,
-        "addition_embed_type": None,
-        "addition_time_embed_dim": None,
-        "projection_class_embeddings_input_dim": None,
         "encoder_hid_dim": None,
         "encoder_hid_dim_type": None,
         "resnet_time_scale_shift": "default",
@@ -106,6 +116,7 @@ class UNetConfig(ModelConfig):
             raise CheckpointError(f"UNet config: mid_block_type {self.mid_block_type!r} is not supported")
         if not isinstance(self.layers_per_block, int):
             raise CheckpointError("UNet config: layers_per_block must be one integer")
+        check_added_conditioning(self, "UNet config")
 
     @property
     def heads(self) -> tuple[int, ...]:
@@ -210,6 +221,68 @@ def embed_timesteps(time_embedding: TimestepEmbedding, cfg, timestep, sample: to
     return time_embedding(temb.to(sample.dtype))
 
 
+def check_added_conditioning(cfg, what: str) -> None:
+    """Refuse an added-conditioning config this core cannot build. `cfg`: a U-Net or ControlNet config."""
+    if cfg.addition_embed_type is None:
+        return
+    if cfg.addition_embed_type != TEXT_TIME:
+        raise CheckpointError(
+            f"{what}: addition_embed_type={cfg.addition_embed_type!r} is not supported "
+            f"(only {TEXT_TIME!r}, SDXL's, or null)"
+        )
+    needs = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+    missing = [k for k in needs if getattr(cfg, k) is None]
+    if missing:
+        raise CheckpointError(f"{what}: addition_embed_type={TEXT_TIME!r} needs {' and '.join(missing)}")
+
+
+def added_embedding(cfg, temb_ch: int) -> TimestepEmbedding | None:
+    """The MLP of SDXL's added conditioning (diffusers' `add_embedding`), or None when the config has none."""
+    if cfg.addition_embed_type != TEXT_TIME:
+        return None
+    return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_ch)
+
+
+def embed_added_conditions(
+    add_embedding: TimestepEmbedding | None, cfg, added_cond_kwargs: dict | None, temb: torch.Tensor
+) -> torch.Tensor | None:
+    """SDXL's added conditioning -> (b, 4 * c0), to be added to the time embedding `temb`; None without one.
+
+    added_cond_kwargs: {"text_embeds": pooled text (b, pooled width), "time_ids": (b, n)}; n is 6 for the
+    base model (original h, w, crop top, left, target h, w), 5 for the refiner. Each time id gets a
+    sinusoidal embedding of width addition_time_embed_dim (the timestep's flip_sin_to_cos / freq_shift),
+    and these follow the pooled text."""
+    what = type(cfg).__name__.removesuffix("Config")
+    if add_embedding is None:
+        if added_cond_kwargs is not None:
+            raise ValueError(
+                f"{what}: added_cond_kwargs given, but the config has no addition_embed_type (not an SDXL model); "
+                "leave them out"
+            )
+        return None
+    given = added_cond_kwargs or {}
+    missing = [k for k in ("text_embeds", "time_ids") if given.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"{what}: the config has addition_embed_type={TEXT_TIME!r} (SDXL), so forward needs added_cond_kwargs="
+            f"{{'text_embeds': pooled text (b, width), 'time_ids': (b, n)}}; missing {', '.join(missing)}"
+        )
+    text_embeds, time_ids = given["text_embeds"], given["time_ids"]
+    b = text_embeds.shape[0]
+    if time_ids.ndim != 2 or time_ids.shape[0] != b:
+        raise ValueError(f"{what}: time_ids has shape {tuple(time_ids.shape)}; expected ({b}, n), one row per sample")
+    d = cfg.addition_time_embed_dim
+    time_embeds = timestep_embedding(time_ids.flatten(), d, cfg.flip_sin_to_cos, cfg.freq_shift)  # (b * n, d) float32
+    add = torch.cat([text_embeds, time_embeds.reshape(b, -1)], dim=-1).to(temb.dtype)  # (b, width + n * d)
+    if add.shape[-1] != cfg.projection_class_embeddings_input_dim:
+        raise ValueError(
+            f"{what}: text_embeds {tuple(text_embeds.shape)} and {time_ids.shape[1]} time ids of width {d} make "
+            f"{add.shape[-1]} features, but projection_class_embeddings_input_dim is "
+            f"{cfg.projection_class_embeddings_input_dim}"
+        )
+    return add_embedding(add)  # (b, 4 * c0)
+
+
 def _transformer(cfg: UNetConfig, ch: int, heads: int, depth: int) -> Transformer2DModel:
     return Transformer2DModel(
         ch,
@@ -236,6 +309,7 @@ class UNet(ConfigModel):
         temb_ch = ch[0] * 4
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+        self.add_embedding = added_embedding(config, temb_ch)  # SDXL; not registered when None
 
         self.down_blocks = down_blocks(config, temb_ch)
 
@@ -267,10 +341,16 @@ class UNet(ConfigModel):
         encoder_hidden_states: torch.Tensor,
         down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """sample (b, in_channels, h, w), timestep () or (b,), encoder_hidden_states (b, tokens, cross_dim)
-        -> prediction (b, out_channels, h, w). The optional residuals come from a ControlNet, one per skip."""
+        -> prediction (b, out_channels, h, w). The optional residuals come from a ControlNet, one per skip.
+        added_cond_kwargs: SDXL's {"text_embeds", "time_ids"} (see `embed_added_conditions`), required
+        exactly when the config has addition_embed_type."""
         temb = embed_timesteps(self.time_embedding, self.config, timestep, sample)  # (b, 4 * c0)
+        added = embed_added_conditions(self.add_embedding, self.config, added_cond_kwargs, temb)
+        if added is not None:
+            temb = temb + added  # (b, 4 * c0)
         context = encoder_hidden_states
 
         if self.config.center_input_sample:

@@ -58,16 +58,17 @@ def accelerate_launcher(config: str = "multi", processes: int = 2) -> tuple:
 TRAIN_WORDS = "a red green blue circle square on white black background".split()
 
 
-def build_training_world(root: Path, model: str = "model") -> Path:
-    """A tiny base model folder (root/<model>) and four captioned 64x64 noise pictures (root/data):
-    what the trainer tests run on."""
+def build_training_world(root: Path, model: str = "model", preset: str = "tiny") -> Path:
+    """A tiny base model folder (root/<model>) of a family's tiny preset ("tiny": SD 1.x's layout,
+    "tiny-sdxl": SDXL's) and four captioned 64x64 noise pictures (root/data): what the trainer tests
+    run on."""
     import numpy as np
     from PIL import Image
 
     from ldmcore.checkpoints import Components
     from ldmcore.text import build_word_tokenizer
 
-    parts = Components.from_preset("tiny", build_word_tokenizer(TRAIN_WORDS))
+    parts = Components.from_preset(preset, build_word_tokenizer(TRAIN_WORDS))
     randomize_(parts.vae, seed=1, std=0.05)
     randomize_(parts.unet, seed=2, std=0.05)
     parts.save_pretrained(root / model)

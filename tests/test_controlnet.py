@@ -404,10 +404,10 @@ def test_a_bf16_step_takes_accelerates_float32_outputs(world):
     cn = m.controlnet.train()
     g = torch.Generator().manual_seed(0)
     batch = {"mean": torch.randn(2, 4, 16, 16, generator=g), "std": torch.full((2, 4, 16, 16), 0.1),
-             "text": torch.randn(2, 77, 32, generator=g),
+             "text": {"hidden": torch.randn(2, 77, 32, generator=g)},
              "control": torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)}
     with torch.autocast("cpu", torch.bfloat16):
-        loss = m.loss({"controlnet": convert_outputs_to_fp32(cn.forward)}, batch, torch.zeros(77, 32),
+        loss = m.loss({"controlnet": convert_outputs_to_fp32(cn.forward)}, batch, {"hidden": torch.zeros(77, 32)},
                       [torch.Generator().manual_seed(i) for i in range(2)])
     loss.backward()
     assert torch.isfinite(loss)

@@ -207,14 +207,14 @@ def _dreambooth(world, class_folder: str, **settings):
 @pytest.mark.parametrize("class_folder", ["class_square", "class_wide"])
 def test_prior_loss_weight_weighs_the_class_samples(world, class_folder):
     from trainers.dreambooth import class_seed
+    from trainers.batch import to_device
     from trainers.loop import collate, sample_generators
     from trainers.method import Method, diffusion_loss
 
     method, dataset = _dreambooth(world, class_folder)
     assert len(dataset) == 2 and not any(dataset[i]["is_class"] for i in range(2))  # the loop sees instances only
-    batch = collate([dataset[0], dataset[1]])
-    batch = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-    empty = dataset.empty_text().float()
+    batch = to_device(collate([dataset[0], dataset[1]]), "cpu")
+    empty = to_device(dataset.empty_text(), "cpu")
     unet = method.components.unet
 
     def gens():  # fresh generators: a loss consumes them
@@ -229,8 +229,7 @@ def test_prior_loss_weight_weighs_the_class_samples(world, class_folder):
     plain = Method(method.config, method.components)
 
     def one(item, g):
-        single = collate([item])
-        single = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in single.items()}
+        single = to_device(collate([item]), "cpu")
         return diffusion_loss({"unet": unet}, plain, single, method.components, method.config, empty, [g]).item()
 
     pool = sorted(i for p in method.class_items.values() for i in p)
@@ -270,8 +269,8 @@ def test_dreambooth_lora_draws_class_images_with_the_base_and_resumes_exactly(wo
     from adapters.lora import load_lora_file
 
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
-        unet_sd, text_sd, meta = load_lora_file(whole / name)
-        assert unet_sd and text_sd and meta["user"]["ldm_tune.method"] == "dreambooth", name
+        lora = load_lora_file(whole / name)
+        assert lora.unet and lora.text_encoder and lora.user["ldm_tune.method"] == "dreambooth", name
 
 
 @pytest.mark.parametrize("setup", ["multi", "zero3"])

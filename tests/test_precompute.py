@@ -73,14 +73,17 @@ def test_cache_holds_exactly_what_direct_encoding_gives(parts, dataset, tmp_path
         pixels = to_tensor(apply(load_rgb(read_bytes(rec.source)), CropPlan.from_dict(item.crops[0])))
         with torch.no_grad():
             post = parts.vae.encode(pixels[None])
-            text = enc(list(rec.captions))[0]
+            text = enc(list(rec.captions))["hidden"][0]
         bw, bh = item.bucket
         assert got["mean"].shape == (4, bh // 4, bw // 4)
         assert got["mean"].dtype == torch.float16
         torch.testing.assert_close(got["mean"].float(), post.mean[0], atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(got["std"].float(), post.std[0], atol=2e-3, rtol=2e-3)
-        torch.testing.assert_close(got["text"].float(), text, atol=2e-3, rtol=2e-3)
-    assert data.empty_text().shape == (77, 32)
+        assert set(got["text"]) == {"hidden"}  # SD conditions on hidden states only
+        torch.testing.assert_close(got["text"]["hidden"].float(), text, atol=2e-3, rtol=2e-3)
+        crop = CropPlan.from_dict(item.crops[0])
+        assert got["size"].tolist() == [crop.orig_h, crop.orig_w, crop.crop_top, crop.crop_left, bh, bw]
+    assert data.empty_text()["hidden"].shape == (77, 32)
 
 
 def test_adding_images_encodes_only_the_new_ones(parts, dataset, tmp_path):

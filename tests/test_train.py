@@ -43,7 +43,7 @@ def test_a_run_trains_checkpoints_logs_and_exports(world, tmp_path):
     from data_tools.store import fingerprint
     from ldmcore.unet import UNet
 
-    meta = load_lora_file(out / "lora_kohya.safetensors")[2]["user"]
+    meta = load_lora_file(out / "lora_kohya.safetensors").user
     assert meta["ldm_tune.base_model_hash"] == fingerprint(UNet.from_pretrained(world / "model" / "unet"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     assert (out / "config.yaml").read_text().count("max_steps: 4") == 1
@@ -177,8 +177,8 @@ def test_text_encoder_lora_trains_and_exports(world, tmp_path):
     from adapters.lora import load_lora_file
 
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
-        unet_sd, text_sd, _ = load_lora_file(out / name)
-        assert unet_sd and text_sd, name
+        lora = load_lora_file(out / name)
+        assert lora.unet and lora.text_encoder, name
 
 
 def test_heldout_validation_loss_and_ema(world, tmp_path):
@@ -206,7 +206,7 @@ def test_heldout_validation_loss_and_ema(world, tmp_path):
     assert any(not torch.equal(shadow[k], raw[k]) for k in raw)  # the EMA lags the raw weights
     from adapters.lora import load_lora_file
 
-    exported, _, _ = load_lora_file(out / "pytorch_lora_weights.safetensors")
+    exported = load_lora_file(out / "pytorch_lora_weights.safetensors").unet
     assert len(exported) == len(raw)
     for key, value in exported.items():  # the exported file holds the EMA, not the raw weights
         name = "unet." + key.replace(".lora_A.weight", ".lora_A.default.weight").replace(

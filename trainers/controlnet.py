@@ -71,10 +71,10 @@ class ControlNetMethod(Method):
             self.validation_control = Image.fromarray(first["control"].permute(1, 2, 0).numpy())
         return dataset, keys
 
-    def unet_kwargs(self, batch, noisy_latents, timesteps, text, models):
+    def unet_kwargs(self, batch, noisy_latents, timesteps, inputs, models):
         # uint8 pixels -> [0, 1], as diffusers' ControlNet pipelines feed control images
         cond = batch["control"].to(noisy_latents.device, torch.float32) / 255.0  # (b, 3, H, W)
-        down, mid = models["controlnet"](noisy_latents, timesteps, text, cond)
+        down, mid = models["controlnet"](noisy_latents, timesteps, controlnet_cond=cond, **inputs)
         # accelerate returns a prepared module's outputs in float32; the frozen U-Net's skips they are
         # added to are in the mixed-precision dtype, and CPU ops refuse the mix
         dtype = self.components.unet.dtype

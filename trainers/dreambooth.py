@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from data_tools.schema import ConfigError
 
+from .batch import collate, concat, to_device
 from .full import FullMethod
 from .lora import LoraMethod
 from .method import Method
@@ -85,7 +86,6 @@ class DreamBoothMethod(Method):
     def loss(self, models, batch, empty_text, generators):
         if not self.prior:
             return super().loss(models, batch, empty_text, generators)
-        from .loop import collate
 
         device, b = batch["mean"].device, len(generators)
         h, w = batch["mean"].shape[-2:]
@@ -100,10 +100,10 @@ class DreamBoothMethod(Method):
         # instance samples and the class samples of the same size go through the U-Net together
         parts = [(batch, list(generators))]
         for shape, members in groups.items():
-            classes = _to_device(collate([item for item, _ in members]), device)
+            classes = to_device(collate([item for item, _ in members]), device)
             gens = [g for _, g in members]
             if shape == tuple(batch["mean"].shape[1:]):
-                parts[0] = (_join(batch, classes), parts[0][1] + gens)
+                parts[0] = (concat(batch, classes), parts[0][1] + gens)
             else:
                 parts.append((classes, gens))
         # each part's loss is a mean over its samples; weighing it by len/b makes the total
@@ -168,15 +168,5 @@ class InstanceImages(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.cache.set_epoch(epoch)
 
-    def empty_text(self) -> torch.Tensor:
+    def empty_text(self) -> dict[str, torch.Tensor]:
         return self.cache.empty_text()
-
-
-def _to_device(batch: dict, device) -> dict:
-    """As the loop moves a batch: floating tensors to float32 on the device, the rest as they are."""
-    return {k: (v.to(device, torch.float32) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
-
-
-def _join(a: dict, b: dict) -> dict:
-    return {k: torch.cat([a[k], b[k]]) if torch.is_tensor(a[k]) else list(a[k]) + list(b[k]) for k in a}

@@ -72,7 +72,7 @@ class InpaintMethod(FullMethod):
         full = torch.stack([torch.rand((), generator=g) < share for g in generators])  # (b,) bool
         return super().loss(models, {**batch, "full_mask": full.to(batch["mask"].device)}, empty_text, generators)
 
-    def unet_kwargs(self, batch, noisy_latents, timesteps, text, models):
+    def unet_kwargs(self, batch, noisy_latents, timesteps, inputs, models):
         mask, masked_mean = batch["mask"], batch["masked_mean"]  # (b, 1, h, w), (b, 4, h, w)
         full = batch.get("full_mask")  # absent for the held-out validation loss: cached masks only
         if full is not None and bool(full.any()):

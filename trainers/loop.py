@@ -26,6 +26,7 @@ from data_tools.schema import dump_config
 from data_tools.store import fingerprint
 from ldmcore.checkpoints import Components, load_components
 
+from .batch import collate, to_device  # noqa: F401  (collate: re-exported for tests and bench/)
 from .config import Config
 from .distributed import Engine, make_accelerator, prepare
 from .method import Method, diffusion_loss  # noqa: F401  (diffusion_loss: re-exported for bench/)
@@ -58,12 +59,6 @@ def make_method(config: Config, components: Components) -> Method:
         raise NotImplementedError(f"method {config.method!r} is not available; choose one of {sorted(METHODS)}")
     module, cls = METHODS[config.method].split(":")
     return getattr(importlib.import_module(module), cls)(config, components)
-
-
-def collate(items: list[dict]) -> dict:
-    """Stack tensors; other values (captions) become lists."""
-    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
-            for k in items[0]}
 
 
 # -- the loss of one batch -------------------------------------------------------------------------
@@ -136,13 +131,19 @@ def train(config: Config) -> Path:
         accelerator.init_trackers("ldm-tune")
     parts = load_components(config.model.path, dtype=torch.float32, tokenizer=config.model.tokenizer,
                             prediction_type=config.model.prediction_type)
+    if not parts.family.trainable:
+        raise TrainingStopped(
+            f"model.path={config.model.path} is an {parts.family.title}, which the training methods do not take "
+            "as a base; point model.path at a base model (an SDXL base, SD 1.x or 2.x)"
+        )
     method = make_method(config, parts)
 
-    # The cache first: the VAE and the text encoder are needed for it, not for the steps.
-    parts.vae.to(device)
-    parts.text_encoder.to(device)
+    # The cache first: the VAE and the text encoders are needed for it, not for the steps.
+    for model in (parts.vae, *parts.text_encoders.values()):
+        model.to(device)
     dataset, keys = method.dataset(device, progress=main)
-    empty_text = dataset.empty_text().float().to(device)
+    # what a dropped caption conditions on (SDXL: zeros), unbatched
+    empty_text = parts.family.empty_text(to_device(dataset.empty_text(), device))
     # the last `validation.heldout` images in key order are kept out of training for the validation loss
     order = sorted(range(len(dataset)), key=lambda i: keys[i])
     heldout = sorted(order[len(order) - config.validation.heldout :]) if config.validation.heldout else []
@@ -158,7 +159,7 @@ def train(config: Config) -> Path:
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
-    for frozen in (parts.unet, parts.vae, parts.text_encoder):  # a method unfreezes what it trains
+    for frozen in parts.models:  # a method unfreezes what it trains
         frozen.requires_grad_(False)
     method.build()
     weight_dtype = DTYPES[tc.mixed_precision]
@@ -210,9 +211,7 @@ def train(config: Config) -> Path:
         torch.cuda.reset_peak_memory_stats()
     step_peak = 0.0
     while step < tc.max_steps:
-        # the cache stores fp16; steps compute in float32 and autocast lowers what mixed precision may
-        batch = {k: (v.to(device, torch.float32) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
-                 for k, v in next(stream).items()}
+        batch = to_device(next(stream), device)
         gens = sample_generators(tc.seed, step * tc.gradient_accumulation_steps + phase, batch.pop("item"))
         phase = (phase + 1) % tc.gradient_accumulation_steps
         with accelerator.accumulate(*models.values()):
@@ -422,19 +421,18 @@ def _validation_loss(models, method, dataset, heldout, parts, config, empty_text
     and runs. Every process computes it (cheap), so no process waits on another."""
     schedule, losses = parts.schedule, []
     for i in heldout:
-        batch = collate([dataset[i]])
-        batch = {k: v.to(device, torch.float32) if torch.is_tensor(v) and v.is_floating_point() else v
-                 for k, v in batch.items()}
+        batch = to_device(collate([dataset[i]]), device)
         for t in config.validation.loss_timesteps:
             g = torch.Generator().manual_seed(int(np.random.SeedSequence([config.train.seed, i, t]).generate_state(1)[0]))
             latents = parts.vae.scale(batch["mean"])  # the posterior mean: no sampling noise
             noise = torch.randn(latents.shape, generator=g).to(device)
             tt = torch.full((1,), t, device=device)
             text = method.encode_text(batch, torch.zeros(1, dtype=torch.bool, device=device), empty_text, models)
+            inputs = parts.family.denoiser_inputs(text, batch.get("size"))
             noisy = schedule.add_noise(latents, noise, tt)
-            kwargs = method.unet_kwargs(batch, noisy, tt, text, models)
+            kwargs = method.unet_kwargs(batch, noisy, tt, inputs, models)
             with autocast():
-                pred = models.get("unet", parts.unet)(kwargs.pop("sample", noisy), tt, text, **kwargs)
+                pred = models.get("unet", parts.unet)(kwargs.pop("sample", noisy), tt, **inputs, **kwargs)
             losses.append(F.mse_loss(pred.float(), schedule.target(latents, noise, tt).float()).item())
     return float(np.mean(losses))
 

@@ -1,14 +1,14 @@
 """LoRA: low-rank adapters on the U-Net (and optionally the text encoder); the base stays frozen."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torch import nn
 
 from adapters.lora import DIFFUSERS_FILE, KOHYA_FILE, LoraSettings, add_lora, lora_state_dict, save_diffusers, save_kohya
 
-from ldmcore.text import PromptEncoder
-
+from .batch import select
 from .method import Method
 
 
@@ -28,22 +28,26 @@ class LoraMethod(Method):
     def build(self) -> None:
         add_lora(self.components.unet, self.settings)
         if self.settings.text_encoder:
-            add_lora(self.components.text_encoder, self.settings, text_encoder=True)
+            for encoder in self.components.text_encoders.values():
+                add_lora(encoder, self.settings, text_encoder=True)
 
     def trained_modules(self) -> dict[str, nn.Module]:
         modules = {"unet": self.components.unet}
         if self.settings.text_encoder:
-            modules["text_encoder"] = self.components.text_encoder
+            modules |= self.components.text_encoders
         return modules
 
     def encode_text(self, batch, drop, empty_text, models):
         if not self.settings.text_encoder:
             return super().encode_text(batch, drop, empty_text, models)
-        # the text encoder trains: encode the captions live, through the prepared (synchronised) module
+        # the text encoders train: encode the captions live, through the prepared (synchronised) modules
+        parts, data = self.components, self.config.data
+        live = dataclasses.replace(parts, **{name: models[name] for name in parts.text_encoders})
         captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
-        data = self.config.data
-        encoder = PromptEncoder(self.components.tokenizer, models["text_encoder"], data.clip_skip, data.max_windows)
-        return encoder(captions)
+        text = live.prompt_encoder(data.clip_skip, data.max_windows)(captions)
+        if parts.family.zero_empty_prompt:  # a dropped caption is zeros there, not the encoded ""
+            text = select(text, ~drop, empty_text)
+        return text
 
     def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
         unet_sd = lora_state_dict(self.components.unet)

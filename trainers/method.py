@@ -15,8 +15,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ldmcore.checkpoints import Components
+from ldmcore.family import TextConditioning
 from ldmcore.weights import check_state_dict
 
+from .batch import select
 from .config import Config
 
 
@@ -67,20 +69,23 @@ class Method:
 
     # -- one step ------------------------------------------------------------------------------
 
-    def encode_text(self, batch: dict, drop: torch.Tensor, empty_text: torch.Tensor, models: dict) -> torch.Tensor:
-        """The text embeddings of a batch, with dropped captions (`drop`, (b,) bool) replaced by the
-        empty prompt's. By default from the cache; a method training the text encoder encodes live."""
-        text = batch["text"]  # (b, tokens, width)
-        return torch.where(drop[:, None, None], empty_text.to(text), text)
+    def encode_text(self, batch: dict, drop: torch.Tensor, empty_text: TextConditioning, models: dict
+                    ) -> TextConditioning:
+        """The text conditioning of a batch ({"hidden": (b, tokens, width), ["pooled": (b, width)]}),
+        with dropped captions (`drop`, (b,) bool) replaced by the empty prompt's (`empty_text`,
+        unbatched, as the family conditions an empty prompt). By default from the cache; a method
+        training a text encoder encodes live."""
+        return select(batch["text"], ~drop, empty_text)
 
     def unet_kwargs(self, batch: dict[str, torch.Tensor], noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                    text: torch.Tensor, models: dict[str, nn.Module]) -> dict[str, Any]:
-        """Extra inputs for the U-Net beyond (sample, timestep, encoder_hidden_states): the
-        inpainting channels, ControlNet residuals. `sample` may be replaced by returning it.
-        `models` holds the prepared (wrapped) trained modules, by the names of `trained_modules`."""
+                    inputs: dict[str, Any], models: dict[str, nn.Module]) -> dict[str, Any]:
+        """Extra inputs for the U-Net beyond (sample, timestep) and the family's conditioning `inputs`
+        (encoder_hidden_states, and added_cond_kwargs for SDXL): the inpainting channels, ControlNet
+        residuals. `sample` may be replaced by returning it. `models` holds the prepared (wrapped)
+        trained modules, by the names of `trained_modules`."""
         return {}
 
-    def loss(self, models: dict[str, nn.Module], batch: dict, empty_text: torch.Tensor,
+    def loss(self, models: dict[str, nn.Module], batch: dict, empty_text: TextConditioning,
              generators: list[torch.Generator]) -> torch.Tensor:
         """The loss of one micro-batch; sample j draws its randomness from generators[j] only.
         By default the denoising loss; a method that trains something else (the VAE) replaces it."""
@@ -138,12 +143,13 @@ def diffusion_loss(models: dict, method: Method, batch: dict, parts: Components,
     drop = torch.zeros(len(gens), dtype=torch.bool, device=device)
     if lc.caption_dropout:
         drop = draw(lambda g: torch.rand((), generator=g) < lc.caption_dropout)
-    text = method.encode_text(batch, drop, empty_text, models)  # (b, tokens, width)
+    text = method.encode_text(batch, drop, empty_text, models)  # {"hidden": (b, tokens, width), ...}
+    inputs = parts.family.denoiser_inputs(text, batch.get("size"))
     unet = models.get("unet", parts.unet)
 
-    kwargs = method.unet_kwargs(batch, noisy, t, text, models)
+    kwargs = method.unet_kwargs(batch, noisy, t, inputs, models)
     sample = kwargs.pop("sample", noisy)
-    pred = unet(sample, t, text, **kwargs)
+    pred = unet(sample, t, **inputs, **kwargs)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (b,)
 
     weights = torch.ones_like(per_sample)

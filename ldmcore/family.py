@@ -1,0 +1,216 @@
+"""Model families: what differs between Stable Diffusion 1.x/2.x and SDXL, one small class each.
+
+Everything outside this file asks the family of a model (`components.family`) and never looks at
+the architecture:
+
+- text conditioning: `prompt_encoder(parts, ...)` turns prompts into a `TextConditioning`, a dict
+  of batch-first tensors: `hidden` (b, tokens, width) always, `pooled` (b, width) where the family
+  conditions on a pooled vector. The cache stores exactly this dict per caption.
+- the empty prompt (caption dropout, an empty negative prompt): `empty_text(encoded)`; SDXL was
+  trained with zeros there, SD 1.x/2.x with the encoded empty string.
+- micro-conditioning: `size_ids(original, crop_top_left, target)` for a picture; SDXL's
+  six numbers, nothing for SD. Training takes them from each picture's own bucket transform,
+  generation from the asked size (`generation_ids`).
+- the denoiser call: `denoiser_inputs(text, ids)` -> the U-Net's (and the ControlNet's) keyword
+  inputs after (sample, timestep).
+- the files: the diffusers pipeline and scheduler class names, which text encoders and tokenizers
+  a folder holds, and the original single-file layout (`from_original`, `to_original`).
+
+The noise schedule and its prediction target (epsilon / v) are the schedule's (`NoiseSchedule`),
+read from the model's scheduler config: both families here share the discrete DDPM objective.
+A family is stateless: one instance per class, found by name in `FAMILIES`.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+
+TextConditioning = dict[str, torch.Tensor]  # "hidden" (b, tokens, width), optionally "pooled" (b, width)
+
+
+class Family:
+    """The defaults describe Stable Diffusion 1.x/2.x: one CLIP text encoder, no extra conditioning."""
+
+    name: ClassVar[str] = "sd"
+    title: ClassVar[str] = "Stable Diffusion 1.x/2.x"
+    pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
+    inpaint_pipeline_class: ClassVar[str] = "StableDiffusionInpaintPipeline"
+    scheduler_class: ClassVar[str] = "DDIMScheduler"
+    #: (component, tokenizer, transformers class) for every text encoder, in the order the hidden
+    #: states are concatenated
+    text_parts: ClassVar[tuple[tuple[str, str, str], ...]] = (("text_encoder", "tokenizer", "CLIPTextModel"),)
+    #: extra model_index.json entries a diffusers pipeline of this family reads
+    pipeline_options: ClassVar[dict[str, Any]] = {}
+    #: whether an empty prompt conditions on zeros instead of the encoded empty string
+    zero_empty_prompt: ClassVar[bool] = False
+    #: whether the training methods take this family's models as a base
+    trainable: ClassVar[bool] = True
+
+    # -- text ------------------------------------------------------------------------------------
+
+    def prompt_encoder(self, parts, clip_skip: int = 0, max_windows: int = 3) -> torch.nn.Module:
+        """A module: prompts -> TextConditioning."""
+        from .text import PromptEncoder
+
+        return _HiddenOnly(PromptEncoder(parts.tokenizer, parts.text_encoder, clip_skip=clip_skip, max_windows=max_windows))
+
+    def empty_text(self, encoded: TextConditioning) -> TextConditioning:
+        """What an empty prompt conditions on, given the encoded empty string."""
+        return {k: torch.zeros_like(v) for k, v in encoded.items()} if self.zero_empty_prompt else encoded
+
+    # -- micro-conditioning ----------------------------------------------------------------------
+
+    def size_ids(self, original: tuple[int, int], crop_top_left: tuple[int, int], target: tuple[int, int]
+                 ) -> torch.Tensor | None:
+        """The per-picture conditioning ids, (n,) float32, or None. Sizes are (height, width) in pixels."""
+        return None
+
+    def generation_ids(self, height: int, width: int, negative: bool = False) -> torch.Tensor | None:
+        """The ids of a generated picture of this size (the negative branch of guidance may differ)."""
+        return self.size_ids((height, width), (0, 0), (height, width))
+
+    # -- the denoiser call -----------------------------------------------------------------------
+
+    def denoiser_inputs(self, text: TextConditioning, ids: torch.Tensor | None = None) -> dict[str, Any]:
+        """The U-Net's keyword inputs beyond (sample, timestep). `ids`: (b, n) from `size_ids`."""
+        return {"encoder_hidden_states": text["hidden"]}
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def from_original(self, state: Mapping[str, torch.Tensor], configs: dict) -> dict[str, dict[str, torch.Tensor]]:
+        """An original single file's state dict -> diffusers-named state dicts by component ("unet",
+        "vae" and the `text_parts`). `configs`: the components' config dicts, plus "text_kind"."""
+        from .single_file import original_to_diffusers
+
+        return original_to_diffusers(state, configs["unet"], configs["vae"], configs["text_kind"],
+                                     configs["text_encoder"]["num_hidden_layers"])
+
+    def to_original(self, parts) -> dict[str, torch.Tensor]:
+        """The components as one original single-file state dict."""
+        from .checkpoints import text_state_dict
+        from .single_file import diffusers_to_original
+
+        return diffusers_to_original(parts.unet.state_dict(), parts.vae.state_dict(), text_state_dict(parts.text_encoder),
+                                     parts.unet.config, parts.vae.config, parts.text_kind)
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}: {self.title}>"
+
+
+class _HiddenOnly(torch.nn.Module):
+    """An SD prompt encoder (prompts -> hidden states) seen as a family text encoder (-> dict)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.encoder.text_encoder]
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def forward(self, prompts: str | Sequence[str]) -> TextConditioning:
+        return {"hidden": self.encoder(prompts)}
+
+
+class SDXL(Family):
+    """SDXL base: CLIP-L and CLIP-bigG (penultimate states concatenated, bigG's pooled projection),
+    and six size ids: original (h, w), crop top-left (top, left), target (h, w)."""
+
+    name = "sdxl"
+    title = "SDXL"
+    pipeline_class = "StableDiffusionXLPipeline"
+    inpaint_pipeline_class = "StableDiffusionXLInpaintPipeline"
+    scheduler_class = "EulerDiscreteScheduler"
+    text_parts = (("text_encoder", "tokenizer", "CLIPTextModel"),
+                  ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"))
+    pipeline_options = {"force_zeros_for_empty_prompt": True}
+    zero_empty_prompt = True
+
+    def prompt_encoder(self, parts, clip_skip: int = 0, max_windows: int = 3) -> torch.nn.Module:
+        from .text_sdxl import SDXLPromptEncoder
+
+        return SDXLPromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2,
+                                 clip_skip=clip_skip, max_windows=max_windows)
+
+    def size_ids(self, original, crop_top_left, target):
+        from .text_sdxl import size_ids
+
+        return size_ids(original, crop_top_left, target)
+
+    def denoiser_inputs(self, text, ids=None):
+        if ids is None:
+            raise ValueError(f"{self.title} needs the size conditioning ids (original size, crop, target size)")
+        if "pooled" not in text:
+            raise ValueError(f"{self.title} needs the pooled text embedding; was the cache built for another family?")
+        return {"encoder_hidden_states": text["hidden"],
+                "added_cond_kwargs": {"text_embeds": text["pooled"], "time_ids": ids.to(text["pooled"])}}
+
+    def from_original(self, state, configs):
+        from .single_file_sdxl import original_to_diffusers
+
+        return original_to_diffusers(state, configs)
+
+    def to_original(self, parts):
+        from .checkpoints import text_state_dict
+        from .single_file_sdxl import diffusers_to_original
+
+        texts = {name: text_state_dict(model) for name, model in parts.text_encoders.items()}
+        return diffusers_to_original(parts.unet.state_dict(), parts.vae.state_dict(), texts, parts.unet.config,
+                                     parts.vae.config)
+
+
+class SDXLRefiner(SDXL):
+    """The SDXL refiner: bigG only, and five ids with an aesthetic score in place of the target size
+    (6.0 for the prompt, 2.5 for the negative prompt by default, as the original training used)."""
+
+    name = "sdxl-refiner"
+    title = "SDXL refiner"
+    pipeline_class = "StableDiffusionXLImg2ImgPipeline"
+    text_parts = (("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),)
+    pipeline_options = {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
+    zero_empty_prompt = False
+    trainable = False
+    aesthetic_score: ClassVar[float] = 6.0
+    negative_aesthetic_score: ClassVar[float] = 2.5
+
+    def prompt_encoder(self, parts, clip_skip: int = 0, max_windows: int = 3) -> torch.nn.Module:
+        from .text_sdxl import SDXLPromptEncoder
+
+        return SDXLPromptEncoder(None, None, parts.tokenizer_2, parts.text_encoder_2,
+                                 clip_skip=clip_skip, max_windows=max_windows)
+
+    def size_ids(self, original, crop_top_left, target, aesthetic_score: float | None = None):
+        from .text_sdxl import refiner_size_ids
+
+        return refiner_size_ids(original, crop_top_left, self.aesthetic_score if aesthetic_score is None else aesthetic_score)
+
+    def generation_ids(self, height, width, negative=False):
+        score = self.negative_aesthetic_score if negative else self.aesthetic_score
+        return self.size_ids((height, width), (0, 0), (height, width), score)
+
+
+SD, SDXL_BASE, SDXL_REFINER = Family(), SDXL(), SDXLRefiner()
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL_BASE, SDXL_REFINER)}
+
+
+def get_family(name: str | Family) -> Family:
+    if isinstance(name, Family):
+        return name
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}") from None
+
+
+def family_of_pipeline(index: Mapping[str, Any]) -> Family:
+    """The family of a diffusers folder, from its model_index.json."""
+    if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None:
+        if not index.get("text_encoder") or index["text_encoder"][0] is None:
+            return SDXL_REFINER
+        return SDXL_BASE
+    return SD
