@@ -5,7 +5,9 @@
   DIR/lora_kohya.safetensors (A1111, ComfyUI), metadata kept.
 - `merge BASE LORA --out PATH [--scale S]`: a model with the LoRA folded in; PATH ending in
   .safetensors is written as an original single file, anything else as a diffusers folder.
-- `inspect FILE`: format, rank, alpha, targeted modules, text encoder, metadata.
+- `inspect FILE`: family, format, rank, alpha, targeted modules, text encoders, metadata.
+
+SD 1.x/2.x and SDXL files alike; `merge` refuses a LoRA for another family than BASE's.
 
 Exit codes: 0 done, 2 a bad path, file or argument (one line on stderr, never a traceback).
 """
@@ -53,18 +55,19 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from adapters.lora import DIFFUSERS_FILE, KOHYA_FILE, LoraSettings, load_lora_file, save_diffusers, save_kohya
 
-    source = _lora_file(args.source)
-    unet, text, meta = load_lora_file(source)
-    settings = LoraSettings.from_dict(meta["settings"])
+    lora = load_lora_file(_lora_file(args.source))
+    settings = LoraSettings.from_dict(lora.settings)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder")
-    save_diffusers(out / DIFFUSERS_FILE, unet, text, meta["user"], settings=settings)
+    # SDXL's second text encoder, and the U-Net layout the file was read with: SDXL's kohya names need it
+    extra = {"text_2_sd": lora.text_encoder_2, "unet_config": lora.unet_layout}
+    save_diffusers(out / DIFFUSERS_FILE, lora.unet, lora.text_encoder, lora.user, settings=settings, **extra)
     print(f"wrote {out / DIFFUSERS_FILE}")
     if settings.use_dora:  # save_kohya refuses DoRA; say why instead of failing the whole export
         print(f"skipped {KOHYA_FILE}: DoRA adapters are written in the diffusers layout only")
         return 0
-    save_kohya(out / KOHYA_FILE, unet, text, settings, meta["user"])
+    save_kohya(out / KOHYA_FILE, lora.unet, lora.text_encoder, settings, lora.user, **extra)
     print(f"wrote {out / KOHYA_FILE}")
     return 0
 
@@ -111,7 +114,8 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inspect", help="say what a LoRA file holds",
-                              description="Print a LoRA file's format, rank, alpha, targeted modules and metadata.")
+                              description="Print a LoRA file's family, format, rank, alpha, targeted modules "
+                                          "and metadata.")
     p.add_argument("file", metavar="FILE", help="LoRA file (either layout)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.set_defaults(run=run_inspect)
@@ -125,16 +129,19 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(d, indent=2))
         return 0
     counts = lambda c: ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"  # noqa: E731
+    modules = lambda part: f"yes, {d[part + '_modules']} modules" if d[part] else "no"  # noqa: E731
     ranks = "/".join(str(r) for r in d["ranks"])
     lines = [
         f"file:          {d['file']}",
+        f"family:        {d['family']}",
         f"format:        {d['format']}{' (DoRA)' if d['dora'] else ''}",
         f"rank:          {ranks}",
         f"alpha:         {d['alpha']:g} (scale {d['alpha'] / d['ranks'][0]:g} at rank {d['ranks'][0]})",
         f"U-Net modules: {d['unet_modules']}{' (with conv layers)' if d['conv'] else ''}",
         f"  by kind:     {counts(d['unet_kinds'])}",
         f"  by block:    {counts(d['unet_blocks'])}",
-        f"text encoder:  {'yes, ' + str(d['text_encoder_modules']) + ' modules' if d['text_encoder'] else 'no'}",
+        f"text encoder:  {modules('text_encoder')}",
+        *([f"text encoder 2: {modules('text_encoder_2')}"] if d["family"] == "SDXL" or d["text_encoder_2"] else []),
         f"settings:      {json.dumps(d['settings'])}",
         f"metadata:      {json.dumps(d['metadata'])}",
     ]

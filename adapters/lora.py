@@ -1,4 +1,4 @@
-"""LoRA for the U-Net and the CLIP text encoder, through peft.
+"""LoRA for the U-Net and the CLIP text encoders (SDXL's two as well), through peft.
 
 `add_lora` wraps the chosen Linear / Conv2d layers in peft's LoRA layers in place (no PeftModel
 around the model: the trainer keeps calling the same U-Net) and freezes everything else.
@@ -21,8 +21,10 @@ from ldmcore.weights import CheckpointError, check_state_dict, preview_keys
 
 from .lora_formats import (  # noqa: F401  (re-exported: the one import point for LoRA)
     DIFFUSERS_FILE,
+    FAMILIES,
     KOHYA_FILE,
     TEXT_PREFIX,
+    LoraFile,
     bare_text_name,
     load_lora_file,
     save_diffusers,
@@ -38,7 +40,7 @@ UNET_TARGETS = {
     "attention+ff": _ATTENTION + _FF,  # + the transformers' feed-forward and their in/out projections
     "all": _ATTENTION + _FF + _CONV,  # + the ResNet blocks and the resampling convs (conv LoRA, "LoCon")
 }
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP self-attention
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP self-attention, CLIP-L and bigG alike
 _REGEX_CHARS = set("*+?[](){}|^$\\")
 
 
@@ -130,8 +132,9 @@ def has_lora(model: nn.Module) -> bool:
 
 def add_lora(model: nn.Module, settings: LoraSettings, *, text_encoder: bool = False) -> list[str]:
     """Inject LoRA layers into `model` in place with peft, freeze every other parameter and return
-    the wrapped module names. `text_encoder=True`: `model` is the CLIP text encoder and the targets
-    are its attention projections (TEXT_TARGETS), whatever `settings.targets` says."""
+    the wrapped module names. `text_encoder=True`: `model` is a CLIP text encoder (CLIPTextModel, or
+    SDXL's CLIPTextModelWithProjection, whose projection stays frozen) and the targets are its
+    attention projections (TEXT_TARGETS), whatever `settings.targets` says."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if has_lora(model):
@@ -203,14 +206,20 @@ def _layer(model: nn.Module, name: str) -> nn.Module | None:
     return None
 
 
+_WHAT = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_2": "second text encoder (text_encoder_2)"}
+
+
 def merge_lora(components, lora_path: str | os.PathLike, scale: float = 1.0) -> None:
-    """Fold a LoRA file (either format) into the weights of `components.unet` and, where the file
-    has them, `components.text_encoder`: W += scale * (alpha / rank) * B @ A. Nothing of peft stays."""
-    unet_sd, text_sd, meta = load_lora_file(lora_path)
+    """Fold a LoRA file (either format, SD 1.x/2.x or SDXL) into the weights of `components.unet` and,
+    where the file has them, `components.text_encoder` and `components.text_encoder_2`:
+    W += scale * (alpha / rank) * B @ A. A file for another family than the U-Net's is refused.
+    Nothing of peft stays."""
+    lora = load_lora_file(lora_path, unet_config=components.unet.config)
     plan = []
-    for model, sd, what in ((components.unet, unet_sd, "U-Net"), (components.text_encoder, text_sd, "text encoder")):
-        if not sd:
-            continue
+    for component, sd in lora.state_dicts().items():
+        model, what = getattr(components, component, None), _WHAT[component]
+        if model is None:
+            raise CheckpointError(f"{lora_path}: the LoRA has weights for a {what}, which the model has not")
         if has_lora(model):
             raise ValueError(f"the {what} has LoRA layers injected; merge into a model loaded without them")
         mods = split_modules(sd, str(lora_path))
@@ -225,7 +234,7 @@ def merge_lora(components, lora_path: str | os.PathLike, scale: float = 1.0) -> 
     merged = []
     for label, layer, parts in plan:  # compute everything first: a bad module leaves the model untouched
         try:
-            merged.append((layer, merged_weight(layer.weight.detach(), parts, meta["alpha"], scale)))
+            merged.append((layer, merged_weight(layer.weight.detach(), parts, lora.alpha, scale)))
         except CheckpointError as e:
             raise CheckpointError(f"{lora_path}: {label}: {e}") from None
     with torch.no_grad():
@@ -253,25 +262,29 @@ def _block(name: str) -> str:
     return m.group(1) if m else name.split(".")[0]
 
 
-def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """What a LoRA file holds: format, ranks, alpha, targeted modules by kind and by block, text
-    encoder or not, DoRA or not, and its metadata."""
-    unet_sd, text_sd, meta = load_lora_file(path)
-    unet, text = split_modules(unet_sd, str(path)), split_modules(text_sd, str(path))
-    everything = [*unet.values(), *text.values()]
+def describe(path: str | os.PathLike, unet_config: Any = None) -> dict[str, Any]:
+    """What a LoRA file holds: family, format, ranks, alpha, targeted modules by kind and by block,
+    text encoders or not, DoRA or not, and its metadata. `unet_config` as for `load_lora_file`."""
+    lora = load_lora_file(path, unet_config)
+    mods = {c: split_modules(sd, str(path)) for c, sd in lora.state_dicts().items()}
+    unet, text, text_2 = (mods.get(c, {}) for c in ("unet", "text_encoder", "text_encoder_2"))
+    everything = [p for m in mods.values() for p in m.values()]
     return {
         "file": str(path),
-        "format": meta["format"],
+        "family": FAMILIES[lora.family],
+        "format": lora.format,
         "ranks": sorted({p["A"].shape[0] for p in everything}),
-        "alpha": meta["alpha"],
+        "alpha": lora.alpha,
         "unet_modules": len(unet),
         "unet_kinds": dict(collections.Counter(_kind(n) for n in unet)),
         "unet_blocks": dict(collections.Counter(_block(n) for n in unet)),
         "text_encoder": bool(text),
         "text_encoder_modules": len(text),
+        "text_encoder_2": bool(text_2),
+        "text_encoder_2_modules": len(text_2),
         "dora": any("m" in p for p in everything),
         "conv": any(p["A"].ndim == 4 and p["A"].shape[-1] > 1 for p in everything),
-        "settings": meta["settings"],
-        "metadata": meta["user"],
-        "file_metadata": {k: v for k, v in meta["file"].items() if k.startswith(("ss_", "modelspec."))},
+        "settings": lora.settings,
+        "metadata": lora.user,
+        "file_metadata": {k: v for k, v in lora.file_metadata.items() if k.startswith(("ss_", "modelspec."))},
     }

@@ -1,19 +1,30 @@
-"""LoRA files, both ways: the diffusers/peft layout and the kohya layout (A1111, ComfyUI).
+"""LoRA files, both ways: the diffusers/peft layout and the kohya layout (A1111, ComfyUI), for SD 1.x/2.x
+and SDXL.
 
 Our layout in memory is peft's, as `peft.get_peft_model_state_dict` gives it:
 `<module>.lora_A.weight` (rank, in[, kh, kw]), `<module>.lora_B.weight` (out, rank[, 1, 1]) and, for
-DoRA, `<module>.lora_magnitude_vector`. Text encoder module names carry no `text_model.` level (as
-transformers 5 names them); every function here accepts them with or without it. One alpha serves
+DoRA, `<module>.lora_magnitude_vector`, one state dict per component: `unet`, `text_encoder` and, for
+SDXL, `text_encoder_2` (CLIP-bigG). Text encoder module names carry no `text_model.` level (transformers
+5 drops it from CLIPTextModel); every function here accepts them with or without it. One alpha serves
 the whole adapter, and a module's scale is alpha / its rank: peft's convention, and kohya's.
 
 On disk:
 - diffusers (`pytorch_lora_weights.safetensors`): `unet.<module>.lora_A.weight`, ...,
-  `text_encoder.text_model.<module>...`; alpha, rank and target modules in the `lora_adapter_metadata`
-  JSON, which diffusers' `load_lora_weights` reads (without it diffusers assumes alpha = rank).
-- kohya (`lora_kohya.safetensors`): `lora_unet_<module with _>.lora_down.weight` (= lora_A),
-  `.lora_up.weight` (= lora_B) and `.alpha` (a 0-d tensor); `lora_te_text_model_<module>...`; `ss_*`
-  metadata as sd-scripts writes it. Conv LoRA keeps its 4-D weights (LoCon).
-Both carry our settings and the user's metadata as JSON under `ldm_tune.lora`.
+  `text_encoder.text_model.<module>...`, `text_encoder_2.text_model.<module>...`; alpha, rank and
+  target modules in the `lora_adapter_metadata` JSON, which diffusers' `load_lora_weights` reads
+  (without it diffusers assumes alpha = rank).
+- kohya (`lora_kohya.safetensors`): `<name>.lora_down.weight` (= lora_A), `.lora_up.weight` (= lora_B)
+  and `.alpha` (a 0-d tensor), `ss_*` metadata as sd-scripts writes it; conv LoRA keeps its 4-D weights
+  (LoCon). The names differ by family (`KohyaNames`): SD 1.x/2.x `lora_unet_<diffusers module>` and
+  `lora_te_text_model_<module>`; SDXL `lora_unet_<original (sgm) module>` (`lora_unet_input_blocks_4_1_...`),
+  `lora_te1_...` (CLIP-L) and `lora_te2_...` (bigG), dots as underscores. A1111 and ComfyUI read SDXL's
+  U-Net only under its sgm names, and those depend on the U-Net's block layout: SDXL is written from the
+  U-Net config. Reading accepts SDXL's U-Net under either name, as ComfyUI does.
+Both carry our settings, the user's metadata and the U-Net layout as JSON under `ldm_tune.lora`.
+
+Which family a file is for is read from its keys (a second text encoder, `lora_te1_` / `lora_te2_`,
+the cross-attention's text width) and metadata; given a U-Net config, a file for the other family is
+refused with both named.
 
 Reading a file whose modules have different alphas (other tools' kohya files, diffusers'
 alpha_pattern) folds alpha_m / alpha into that module's lora_B, so the math is unchanged while the
@@ -22,6 +33,8 @@ layout keeps one alpha. Files written here have one alpha, so their tensors come
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -30,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from ldmcore.single_file import unet_module_names
 from ldmcore.weights import CheckpointError, preview_keys, read_state_dict
 
 if TYPE_CHECKING:
@@ -37,18 +51,52 @@ if TYPE_CHECKING:
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
-OUR_KEY = "ldm_tune.lora"  # JSON {"settings": ..., "user": ...} in both formats
+OUR_KEY = "ldm_tune.lora"  # JSON {"settings": ..., "user": ..., "unet_layout": ...} in both formats
 DIFFUSERS_KEY = "lora_adapter_metadata"  # diffusers' own: prefixed LoraConfig kwargs
 TEXT_PREFIX = "text_model."
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # diffusers' pipeline names, the file prefixes
+FAMILIES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}  # names as in ldmcore.family, with short titles
 PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m"}
 KOHYA_PARTS = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
+# The block layouts of SD 1.x/2.x and SDXL base: what the sgm names depend on (not widths or depths).
+# SDXL files that carry no layout of their own and are read without a U-Net config are read with
+# SDXL's; both tell which family a LoRA that fits no given U-Net is for.
+SD_LAYOUT = {
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
+SDXL_LAYOUT = {
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "addition_embed_type": "text_time",
+}
+_LAYOUT_KEYS = tuple(SDXL_LAYOUT)  # the U-Net config entries a layout keeps
 # Module-name words that contain "_": kohya names join everything with "_", these are put back whole.
 _WORDS = {
     "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-    "proj_in", "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out", "time_embedding",
-    "linear_1", "linear_2", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
+    "proj_in", "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out", "conv_norm_out",
+    "time_embedding", "add_embedding", "linear_1", "linear_2", "text_model", "self_attn", "q_proj", "k_proj",
+    "v_proj", "out_proj",
+    # the original (sgm) U-Net's
+    "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
+    "time_embed", "label_emb",
 }
-_UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.")
+_UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
+               "add_embedding")
+_SGM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                   "lora_te2_": "text_encoder_2"}
+_KOHYA_TEXT = {"sd": {"text_encoder": "lora_te_"}, "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
+# kohya's ss_base_model_version values (library/model_util.py, library/sdxl_model_util.py)
+_KOHYA_VERSIONS = {"sd_v1": "sd", "sd_v2": "sd", "sdxl_base_v1-0": "sdxl"}
+# the text width a U-Net cross-attends to: CLIP-L, OpenCLIP-H, CLIP-L + bigG concatenated
+_CROSS_WIDTHS = {768: ("sd", "SD 1.x"), 1024: ("sd", "SD 2.x"), 2048: ("sdxl", "SDXL")}
+
+Groups = dict[str, dict[str, dict[str, torch.Tensor]]]  # component -> module -> {"A", "B"[, "m"]}
 
 
 # -- our layout --------------------------------------------------------------------------------------
@@ -67,7 +115,12 @@ def split_modules(sd: Mapping[str, torch.Tensor] | None, source: str) -> dict[st
                 f"{source}: {key} is not a LoRA weight (expected <module>.lora_A.weight, .lora_B.weight "
                 "or .lora_magnitude_vector)"
             )
-    for name, parts in out.items():
+    _check_pairs(out, source)
+    return out
+
+
+def _check_pairs(mods: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> None:
+    for name, parts in mods.items():
         if "A" not in parts or "B" not in parts:
             raise CheckpointError(f"{source}: {name} needs both lora_A and lora_B, found {sorted(parts)}")
         if parts["A"].shape[0] != parts["B"].shape[1]:
@@ -75,7 +128,6 @@ def split_modules(sd: Mapping[str, torch.Tensor] | None, source: str) -> dict[st
                 f"{source}: {name}: lora_A {tuple(parts['A'].shape)} and lora_B {tuple(parts['B'].shape)} "
                 "disagree on the rank"
             )
-    return out
 
 
 def join_modules(mods: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -87,8 +139,8 @@ def bare_text_name(name: str) -> str:
     return name[len(TEXT_PREFIX) :] if name.startswith(TEXT_PREFIX) else name
 
 
-def common_rank(*groups: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
-    ranks = [p["A"].shape[0] for mods in groups for p in mods.values()]
+def common_rank(groups: Groups) -> int:
+    ranks = [p["A"].shape[0] for mods in groups.values() for p in mods.values()]
     if not ranks:
         raise CheckpointError("no LoRA modules given")
     return collections.Counter(ranks).most_common(1)[0][0]
@@ -98,16 +150,17 @@ def effective_alpha(settings: LoraSettings) -> float:
     return float(settings.alpha if settings.alpha is not None else settings.rank)
 
 
-def _module_groups(unet_sd, text_sd) -> tuple[dict, dict]:
-    unet = split_modules(unet_sd, "U-Net LoRA")
-    text = {bare_text_name(k): v for k, v in split_modules(text_sd, "text encoder LoRA").items()}
-    if not unet and not text:
-        raise CheckpointError("nothing to save: both LoRA state dicts are empty")
-    return unet, text
+def _module_groups(unet_sd, text_sd, text_2_sd) -> Groups:
+    groups = {"unet": split_modules(unet_sd, "U-Net LoRA")}
+    for component, sd in (("text_encoder", text_sd), ("text_encoder_2", text_2_sd)):
+        groups[component] = {bare_text_name(k): v for k, v in split_modules(sd, f"{component} LoRA").items()}
+    if not any(groups.values()):
+        raise CheckpointError("nothing to save: every LoRA state dict is empty")
+    return groups
 
 
-def _check_settings(settings: LoraSettings, unet: dict, text: dict) -> None:
-    rank = common_rank(unet, text)
+def _check_settings(settings: LoraSettings, groups: Groups) -> None:
+    rank = common_rank(groups)
     if settings.rank != rank:
         raise ValueError(f"settings.rank is {settings.rank} but the LoRA weights have rank {rank}")
 
@@ -116,9 +169,10 @@ def _tensors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def _our_metadata(settings: LoraSettings | None, user: dict | None) -> str:
+def _our_metadata(settings: LoraSettings | None, user: dict | None, layout: dict | None) -> str:
     try:
-        return json.dumps({"settings": settings.to_dict() if settings else None, "user": dict(user or {})})
+        return json.dumps({"settings": settings.to_dict() if settings else None, "user": dict(user or {}),
+                           "unet_layout": layout})
     except TypeError as e:
         raise ValueError(f"LoRA metadata must be JSON-serialisable: {e}") from None
 
@@ -131,6 +185,109 @@ def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: 
     tmp = path.with_name(path.name + ".partial")
     save_file(_tensors(tensors), str(tmp), metadata={"format": "pt", **metadata})
     os.replace(tmp, path)
+
+
+# -- families and U-Net layouts ----------------------------------------------------------------------
+
+
+def _config_value(config: Any, key: str) -> Any:
+    """An entry of a diffusers config (a dict), an ldmcore config (attributes) or a layout dict."""
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def unet_family(unet_config: Any) -> str:
+    """"sdxl" for a U-Net with SDXL's added conditioning (addition_embed_type "text_time"), else "sd"."""
+    return "sdxl" if _config_value(unet_config, "addition_embed_type") == "text_time" else "sd"
+
+
+def unet_layout(unet_config: Any) -> dict[str, Any]:
+    """The config entries that module names depend on, JSON-ready: what the files we write remember."""
+    out = {}
+    for key in _LAYOUT_KEYS:
+        value = _config_value(unet_config, key)
+        if value is not None:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _renamed(name: str, table: Mapping[str, str]) -> str | None:
+    """`name` with its longest dotted prefix found in `table` replaced; None when none is."""
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        head = ".".join(parts[:n])
+        if head in table:
+            return ".".join([table[head], *parts[n:]])
+    return None
+
+
+def _family_clues(groups: Groups, meta: Mapping[str, str], kohya_prefixes=()) -> list[tuple[str, str]]:
+    """(family, why) for everything in a LoRA that tells its family, strongest first. U-Net names may
+    be in either naming: only their endings and roots are looked at."""
+    clues = []
+    if groups.get("text_encoder_2"):
+        clues.append(("sdxl", "it has weights for a second text encoder, CLIP-bigG"))
+    for prefix in sorted(kohya_prefixes):
+        if prefix in ("lora_te1_", "lora_te2_"):
+            clues.append(("sdxl", f"its {prefix} keys are kohya's names for SDXL's text encoders"))
+        elif prefix == "lora_te_":
+            clues.append(("sd", "its lora_te_ keys are kohya's name for the one text encoder of SD 1.x/2.x"))
+    unet = groups.get("unet", {})
+    widths = {p["A"].shape[1] for n, p in unet.items() if n.endswith(("attn2.to_k", "attn2.to_v"))}
+    for width in sorted(widths & set(_CROSS_WIDTHS)):
+        family, model = _CROSS_WIDTHS[width]
+        clues.append((family, f"its cross-attention reads {width}-wide text embeddings, as {model} does"))
+    if any(n.startswith(("add_embedding.", "label_emb.")) for n in unet):
+        clues.append(("sdxl", "it adapts the added-conditioning MLP that only SDXL has"))
+    version = meta.get("ss_base_model_version")
+    if version in _KOHYA_VERSIONS:
+        clues.append((_KOHYA_VERSIONS[version], f"its metadata says ss_base_model_version={version}"))
+    layout = _stored(meta).get("unet_layout")
+    if layout:
+        clues.append((unet_family(layout), f"it was written for an {FAMILIES[unet_family(layout)]} U-Net"))
+    return clues
+
+
+def _stored(meta: Mapping[str, str]) -> dict[str, Any]:
+    return json.loads(meta[OUR_KEY]) if OUR_KEY in meta else {}
+
+
+def _mismatch(source: str, theirs: str, why: str, ours: str, error: type[Exception]) -> Exception:
+    theirs, ours = FAMILIES[theirs], FAMILIES[ours]
+    return error(
+        f"{source}: a LoRA for {theirs} ({why}), but the U-Net is {ours}'s: "
+        f"apply it to an {theirs} base model, or use a LoRA trained on {ours}"
+    )
+
+
+def _family_for(source: str, clues: list[tuple[str, str]], unet_config: Any, error: type[Exception]) -> str:
+    """The family a LoRA is used as: the U-Net config's, which the clues must not contradict; without a
+    config, the strongest clue's (SD 1.x/2.x when nothing tells)."""
+    if unet_config is None:
+        return clues[0][0] if clues else "sd"
+    family = unet_family(unet_config)
+    against = next((c for c in clues if c[0] != family), None)
+    if against:
+        raise _mismatch(source, against[0], against[1], family, error)
+    return family
+
+
+def _fits(modules, table: Mapping[str, str]) -> list[str]:
+    """The U-Net modules, in diffusers' or the sgm naming, that `table`'s layout does not have."""
+    known = {**table, **{v: k for k, v in table.items()}}
+    return sorted(n for n in modules if _renamed(n, known) is None)
+
+
+def _check_unet_modules(source: str, modules, table: Mapping[str, str], family: str, error=CheckpointError) -> None:
+    absent = _fits(modules, table)
+    if not absent:
+        return
+    for other, layout in (("sd", SD_LAYOUT), ("sdxl", SDXL_LAYOUT)):
+        if other != family and not _fits(modules, unet_module_names(layout)):
+            raise _mismatch(source, other, f"its U-Net modules fit {FAMILIES[other]}'s block layout", family, error)
+    raise CheckpointError(
+        f"{source}: {len(absent)} U-Net modules of the LoRA are not in this {FAMILIES[family]} U-Net's block "
+        f"layout: {preview_keys(absent)} (a LoRA for another model family or block layout?)"
+    )
 
 
 # -- diffusers / peft --------------------------------------------------------------------------------
@@ -147,6 +304,13 @@ def _peft_config(mods: dict, rank: int, alpha: float) -> dict[str, Any]:
     }
 
 
+def _family_to_save(groups: Groups, unet_config: Any) -> str:
+    family = _family_for("the LoRA to save", _family_clues(groups, {}), unet_config, ValueError)
+    if unet_config is not None:
+        _check_unet_modules("the LoRA to save", groups["unet"], unet_module_names(unet_config), family, ValueError)
+    return family
+
+
 def save_diffusers(
     path: str | os.PathLike,
     unet_sd: Mapping[str, torch.Tensor],
@@ -154,48 +318,58 @@ def save_diffusers(
     metadata: dict | None = None,
     *,
     settings: LoraSettings | None = None,
+    text_2_sd: Mapping[str, torch.Tensor] | None = None,
+    unet_config: Any = None,
 ) -> None:
-    """Write `pytorch_lora_weights.safetensors` as diffusers' `load_lora_weights` reads it.
+    """Write `pytorch_lora_weights.safetensors` as diffusers' `load_lora_weights` reads it (SDXL:
+    `text_2_sd` for `text_encoder_2`).
 
     Pass `settings` whenever alpha differs from the rank: without them the file says alpha = rank
-    (scale 1), the convention of diffusers files that carry no alpha."""
-    unet, text = _module_groups(unet_sd, text_sd)
+    (scale 1), the convention of diffusers files that carry no alpha. `unet_config`, when given, is
+    checked against the LoRA and its block layout kept, so the file can later be written as kohya's."""
+    groups = _module_groups(unet_sd, text_sd, text_2_sd)
+    _family_to_save(groups, unet_config)
     if settings is not None:
-        _check_settings(settings, unet, text)
-    rank = settings.rank if settings is not None else common_rank(unet, text)
+        _check_settings(settings, groups)
+    rank = settings.rank if settings is not None else common_rank(groups)
     alpha = effective_alpha(settings) if settings is not None else float(rank)
-    tensors = {f"unet.{k}": v for k, v in join_modules(unet).items()}
-    tensors |= {f"text_encoder.{TEXT_PREFIX}{k}": v for k, v in join_modules(text).items()}
-    adapter = {}
-    for prefix, mods in (("unet", unet), ("text_encoder", text)):
-        if mods:  # text names stay without `text_model.`: peft matches them as suffixes in either layout
-            adapter |= {f"{prefix}.{k}": v for k, v in _peft_config(mods, rank, alpha).items()}
-    meta = {DIFFUSERS_KEY: json.dumps(adapter, sort_keys=True), OUR_KEY: _our_metadata(settings, metadata)}
+    tensors, adapter = {}, {}
+    for component, mods in groups.items():
+        if not mods:
+            continue
+        prefix = "unet." if component == "unet" else f"{component}.{TEXT_PREFIX}"
+        tensors |= {prefix + k: v for k, v in join_modules(mods).items()}
+        # text names stay without `text_model.`: peft matches them as suffixes in either layout
+        adapter |= {f"{component}.{k}": v for k, v in _peft_config(mods, rank, alpha).items()}
+    layout = unet_layout(unet_config) if unet_config is not None else None
+    meta = {DIFFUSERS_KEY: json.dumps(adapter, sort_keys=True), OUR_KEY: _our_metadata(settings, metadata, layout)}
     _write(path, tensors, meta)
 
 
-def _from_diffusers(state: dict, raw: dict, source: str):
-    unet, text, other = {}, {}, []
+def _from_diffusers(state: dict, raw: dict, source: str) -> tuple[Groups, dict]:
+    groups: Groups = {c: {} for c in COMPONENTS}
+    flat: dict[str, dict[str, torch.Tensor]] = {c: {} for c in COMPONENTS}
+    other = []
     for k, v in state.items():
-        if k.startswith("unet."):
-            unet[k[len("unet.") :]] = v
-        elif k.startswith("text_encoder."):
-            text[bare_text_name(k[len("text_encoder.") :])] = v
+        component = k.split(".", 1)[0]
+        if component in flat:
+            rest = k[len(component) + 1 :]
+            flat[component][rest if component == "unet" else bare_text_name(rest)] = v
         else:
             other.append(k)
     if other:
-        raise CheckpointError(f"{source}: keys outside unet. and text_encoder.: {preview_keys(other)}")
-    unet, text = split_modules(unet, source), split_modules(text, source)
+        raise CheckpointError(f"{source}: keys outside {', '.join(c + '.' for c in COMPONENTS)}: {preview_keys(other)}")
     adapter = json.loads(raw.get(DIFFUSERS_KEY) or "{}")
     alphas = {}
-    for prefix, mods in (("unet", unet), ("text_encoder", text)):
-        cfg = {k[len(prefix) + 1 :]: v for k, v in adapter.items() if k.startswith(prefix + ".")}
+    for component in COMPONENTS:
+        groups[component] = mods = split_modules(flat[component], source)
+        cfg = {k[len(component) + 1 :]: v for k, v in adapter.items() if k.startswith(component + ".")}
         for name, p in mods.items():
             # no lora_alpha in the file: diffusers' convention is alpha = rank, module by module
-            alphas[(prefix, name)] = float(
+            alphas[(component, name)] = float(
                 _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", p["A"].shape[0]))
             )
-    return unet, text, alphas
+    return groups, alphas
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -208,25 +382,14 @@ def _pattern_value(pattern: dict, name: str, default):
 # -- kohya -------------------------------------------------------------------------------------------
 
 
-def kohya_name(module: str, text: bool) -> str:
-    """`down_blocks.0.attentions.0....to_q` -> `lora_unet_down_blocks_0_attentions_0_..._to_q`;
-    text encoder modules, with or without `text_model.`, -> `lora_te_text_model_encoder_...`."""
-    if text:
-        return "lora_te_" + (TEXT_PREFIX + bare_text_name(module)).replace(".", "_")
-    return "lora_unet_" + module.replace(".", "_")
-
-
-def module_from_kohya(name: str, source: str) -> tuple[str, bool]:
-    """The inverse of `kohya_name`: (module name in our layout, is it the text encoder)."""
-    for prefix, text in (("lora_unet_", False), ("lora_te_", True)):
-        if name.startswith(prefix):
-            break
-    else:
-        if name.startswith(("lora_te1_", "lora_te2_")):
-            raise CheckpointError(
-                f"{source}: {name}: an SDXL LoRA (two text encoders); only SD 1.x / 2.x are supported"
-            )
-        raise CheckpointError(f"{source}: {name}: not a kohya LoRA module name (lora_unet_... or lora_te_...)")
+def _split_kohya(name: str, source: str) -> tuple[str, str, str]:
+    """`lora_unet_input_blocks_4_1_proj_in` -> ("lora_unet_", "unet", "input_blocks.4.1.proj_in"): the
+    prefix, the component and the module with its dots back, in whichever naming the file uses."""
+    prefix = next((p for p in sorted(_KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p)), None)
+    if prefix is None:
+        raise CheckpointError(
+            f"{source}: {name}: not a kohya LoRA module name (lora_unet_..., lora_te_..., lora_te1_... or lora_te2_...)"
+        )
     tokens, parts, i = name[len(prefix) :].split("_"), [], 0
     while i < len(tokens):
         for n in (3, 2, 1):
@@ -235,30 +398,112 @@ def module_from_kohya(name: str, source: str) -> tuple[str, bool]:
                 parts.append(word)
                 i += n
                 break
-    module = ".".join(parts)
-    if text:
-        return bare_text_name(module), True
-    if not module.startswith(_UNET_ROOTS):
-        raise CheckpointError(
-            f"{source}: {name}: U-Net module {module!r} is not in diffusers' naming (an SDXL or original-layout LoRA?)"
-        )
-    return module, False
+    return prefix, _KOHYA_PREFIXES[prefix], ".".join(parts)
 
 
-def _kohya_metadata(settings: LoraSettings, unet: dict, user: dict | None) -> dict[str, str]:
+@dataclasses.dataclass(frozen=True)
+class KohyaNames:
+    """kohya's module names for one family. SD 1.x/2.x: the U-Net in diffusers' names, `lora_te_` for the
+    text encoder. SDXL: the U-Net in the original (sgm) names, `lora_te1_` (CLIP-L), `lora_te2_` (bigG).
+    `sgm` maps diffusers module names to sgm ones for one U-Net layout (`KohyaNames.of(unet_config)`);
+    SDXL needs it, and with it sgm U-Net names are read for SD 1.x/2.x too, as ComfyUI reads them."""
+
+    family: str = "sd"
+    sgm: Mapping[str, str] | None = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; choose one of {sorted(FAMILIES)}")
+        if self.family == "sdxl" and self.sgm is None:
+            raise ValueError("SDXL's kohya names depend on the U-Net's block layout: use KohyaNames.of(unet_config)")
+
+    @classmethod
+    def of(cls, unet_config: Any) -> KohyaNames:
+        if unet_config is None:
+            return cls()
+        return cls(unet_family(unet_config), unet_module_names(unet_config))
+
+    @functools.cached_property
+    def _from_sgm(self) -> dict[str, str]:
+        return {v: k for k, v in (self.sgm or {}).items()}
+
+    def name(self, component: str, module: str) -> str:
+        """(`unet`, `down_blocks.1.attentions.0.proj_in`) -> `lora_unet_down_blocks_1_attentions_0_proj_in`
+        (SD) or `lora_unet_input_blocks_4_1_proj_in` (SDXL); text modules, with or without `text_model.`,
+        -> `lora_te_text_model_encoder_...` (SD), `lora_te1_...` / `lora_te2_...` (SDXL)."""
+        if component == "unet":
+            if self.family == "sdxl":
+                sgm = _renamed(module, self.sgm)
+                if sgm is None:
+                    raise CheckpointError(f"U-Net module {module!r} is not in the block layout of the U-Net config")
+                module = sgm
+            return "lora_unet_" + module.replace(".", "_")
+        prefix = _KOHYA_TEXT[self.family].get(component)
+        if prefix is None:
+            raise ValueError(f"{FAMILIES[self.family]} LoRA files have no {component}")
+        return prefix + (TEXT_PREFIX + bare_text_name(module)).replace(".", "_")
+
+    def module(self, name: str, source: str) -> tuple[str, str]:
+        """The inverse of `name`: (component, module name in our layout)."""
+        return self._ours(*_split_kohya(name, source), name, source)
+
+    def _ours(self, prefix: str, component: str, module: str, name: str, source: str) -> tuple[str, str]:
+        if component != "unet":
+            if prefix not in _KOHYA_TEXT[self.family].values():
+                other = "sd" if prefix == "lora_te_" else "sdxl"
+                raise CheckpointError(f"{source}: {name}: {prefix} names a text encoder of {FAMILIES[other]}, "
+                                      f"not of {FAMILIES[self.family]}")
+            if not module.startswith(TEXT_PREFIX):
+                raise CheckpointError(f"{source}: {name}: not a text encoder module (kohya's start text_model_)")
+            return component, bare_text_name(module)
+        root = module.split(".")[0]
+        if root in _UNET_ROOTS:
+            return component, module
+        if root not in _SGM_ROOTS:
+            raise CheckpointError(
+                f"{source}: {name}: U-Net module {module!r} is in neither diffusers' nor the original (sgm) naming"
+            )
+        if self.sgm is None:
+            raise CheckpointError(
+                f"{source}: {name}: U-Net module {module!r} is in the original (sgm) naming, which only the U-Net's "
+                "config can map (pass unet_config); kohya writes it for SDXL"
+            )
+        ours = _renamed(module, self._from_sgm)
+        if ours is None:
+            raise CheckpointError(
+                f"{source}: {name}: no module {module!r} in this {FAMILIES[self.family]} U-Net's block layout "
+                "(a LoRA for another model family or block layout?)"
+            )
+        return component, ours
+
+
+def kohya_name(module: str, text: bool) -> str:
+    """SD 1.x/2.x's kohya name of a U-Net or text encoder module (`KohyaNames().name`)."""
+    return KohyaNames().name("text_encoder" if text else "unet", module)
+
+
+def module_from_kohya(name: str, source: str) -> tuple[str, bool]:
+    """The inverse of `kohya_name`: (module name in our layout, is it the text encoder)."""
+    component, module = KohyaNames().module(name, source)
+    return module, component != "unet"
+
+
+def _kohya_metadata(settings: LoraSettings, groups: Groups, family: str, user: dict | None) -> dict[str, str]:
     rank, alpha = settings.rank, effective_alpha(settings)
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
     }
-    if any(p["A"].ndim == 4 and p["A"].shape[-1] > 1 for p in unet.values()):  # 3x3 convs: LoCon
+    if any(p["A"].ndim == 4 and p["A"].shape[-1] > 1 for p in groups["unet"].values()):  # 3x3 convs: LoCon
         meta["ss_network_args"] = json.dumps({"conv_dim": str(rank), "conv_alpha": str(alpha)})
-    # which family, from the cross-attention's text width: 768 is SD 1.x, 1024 SD 2.x
-    width = next((p["A"].shape[1] for n, p in unet.items() if n.endswith("attn2.to_k")), None)
-    version = {768: ("sd_v1", "False"), 1024: ("sd_v2", "True")}.get(width)
-    if version:
-        meta["ss_base_model_version"], meta["ss_v2"] = version
+    if family == "sdxl":
+        meta["ss_base_model_version"], meta["ss_v2"] = "sdxl_base_v1-0", "False"
+    else:  # which SD, from the cross-attention's text width: 768 is SD 1.x, 1024 SD 2.x
+        width = next((p["A"].shape[1] for n, p in groups["unet"].items() if n.endswith("attn2.to_k")), None)
+        version = {768: ("sd_v1", "False"), 1024: ("sd_v2", "True")}.get(width)
+        if version:
+            meta["ss_base_model_version"], meta["ss_v2"] = version
     for k, v in (user or {}).items():  # the caller's own ss_* / modelspec.* keys win
         if k.startswith(("ss_", "modelspec.")):
             meta[k] = v if isinstance(v, str) else json.dumps(v)
@@ -271,27 +516,44 @@ def save_kohya(
     text_sd: Mapping[str, torch.Tensor] | None,
     settings: LoraSettings,
     metadata: dict | None = None,
+    *,
+    text_2_sd: Mapping[str, torch.Tensor] | None = None,
+    unet_config: Any = None,
 ) -> None:
-    """Write the kohya / A1111 / ComfyUI layout. DoRA is refused: tools disagree on the axis of
-    `dora_scale` (per input or per output channel) and diffusers drops it; use the diffusers file."""
-    unet, text = _module_groups(unet_sd, text_sd)
-    _check_settings(settings, unet, text)
-    if any("m" in p for p in [*unet.values(), *text.values()]):
+    """Write the kohya / A1111 / ComfyUI layout. An SDXL LoRA (with `text_2_sd`, or for an SDXL U-Net)
+    needs `unet_config`, the U-Net's config: its U-Net modules are written under their original (sgm)
+    names. DoRA is refused: tools disagree on the axis of `dora_scale` (per input or per output
+    channel) and diffusers drops it; use the diffusers file."""
+    groups = _module_groups(unet_sd, text_sd, text_2_sd)
+    family = _family_to_save(groups, unet_config)
+    if family == "sdxl" and unet_config is None:
+        raise ValueError(
+            "an SDXL LoRA: pass the SDXL U-Net's config as unet_config; kohya files name SDXL's U-Net modules "
+            "in the original (sgm) layout, which the config gives"
+        )
+    _check_settings(settings, groups)
+    if any("m" in p for mods in groups.values() for p in mods.values()):
         raise CheckpointError(
             "DoRA adapters are not written in the kohya layout (its dora_scale convention differs between "
             "tools); use the diffusers file, pytorch_lora_weights.safetensors"
         )
+    names = KohyaNames.of(unet_config)
     alpha = effective_alpha(settings)
     tensors = {}
-    for mods, text_part in ((unet, False), (text, True)):
+    for component, mods in groups.items():
         for module, p in mods.items():
-            name = kohya_name(module, text_part)
+            name = names.name(component, module)
             tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = p["A"], p["B"]
             tensors[f"{name}.alpha"] = torch.tensor(alpha)  # 0-d float32, one tensor per module
-    _write(path, tensors, {**_kohya_metadata(settings, unet, metadata), OUR_KEY: _our_metadata(settings, metadata)})
+    layout = unet_layout(unet_config) if unet_config is not None else None
+    meta = {**_kohya_metadata(settings, groups, family, metadata), OUR_KEY: _our_metadata(settings, metadata, layout)}
+    _write(path, tensors, meta)
 
 
-def _from_kohya(state: dict, source: str):
+def _read_kohya(state: dict, source: str) -> tuple[dict, dict, Groups]:
+    """A kohya file's tensors by module: ({kohya name: {"A", "B"[, "alpha"]}}, {kohya name: (prefix,
+    component, module)} and the same tensors as {component: {module: parts}}), module names still in
+    the file's own naming."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, v in state.items():
         name, _, part = key.partition(".")
@@ -303,31 +565,43 @@ def _from_kohya(state: dict, source: str):
                 "LyCORIS LoHa, LoKr and Tucker-decomposed files are not supported"
             )
         grouped.setdefault(name, {})[KOHYA_PARTS[part]] = v
-    unet, text, alphas = {}, {}, {}
+    split, seen = {}, {c: {} for c in COMPONENTS}
     for name, parts in grouped.items():
-        module, is_text = module_from_kohya(name, source)
         if "A" not in parts or "B" not in parts:
             raise CheckpointError(f"{source}: {name} needs both lora_down and lora_up weights")
+        split[name] = prefix, component, module = _split_kohya(name, source)
+        seen[component][module] = parts
+    return grouped, split, seen
+
+
+def _from_kohya(grouped: dict, split: dict, names: KohyaNames, source: str) -> tuple[Groups, dict]:
+    groups: Groups = {c: {} for c in COMPONENTS}
+    alphas = {}
+    for name, parts in grouped.items():
+        component, module = names._ours(*split[name], name, source)
+        parts = dict(parts)
         alpha = float(parts.pop("alpha").item()) if "alpha" in parts else 0.0
-        (text if is_text else unet)[module] = parts
+        groups[component][module] = parts
         # sd-scripts: a missing or zero alpha means alpha = rank (scale 1)
-        alphas[("text_encoder" if is_text else "unet", module)] = alpha or float(parts["A"].shape[0])
-    return split_modules(join_modules(unet), source), split_modules(join_modules(text), source), alphas
+        alphas[(component, module)] = alpha or float(parts["A"].shape[0])
+    for mods in groups.values():
+        _check_pairs(mods, source)
+    return groups, alphas
 
 
 # -- reading either ----------------------------------------------------------------------------------
 
 
-def _one_alpha(unet: dict, text: dict, alphas: dict, preferred: float | None) -> float:
+def _one_alpha(groups: Groups, alphas: dict, preferred: float | None) -> float:
     """Fold per-module alphas into lora_B so that one alpha holds for all (see the module docstring)."""
     values = list(alphas.values())
     f32 = torch.tensor(preferred or 0.0, dtype=torch.float32).item()  # kohya files store alpha as float32
     if preferred is not None and all(a in (preferred, f32) for a in values):
         return float(preferred)
     alpha = collections.Counter(values).most_common(1)[0][0]
-    for (prefix, name), a in alphas.items():
+    for (component, name), a in alphas.items():
         if a != alpha:
-            parts = (unet if prefix == "unet" else text)[name]
+            parts = groups[component][name]
             parts["B"] = parts["B"] * (a / alpha)
     return alpha
 
@@ -341,21 +615,46 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_lora_file(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
-    """(unet_sd, text_sd or None, metadata) in our layout, from a diffusers or a kohya file.
+@dataclasses.dataclass
+class LoraFile:
+    """A LoRA file read into our layout: one state dict per component, None where it has none."""
 
-    metadata: {"format": "diffusers" | "kohya", "alpha": the one alpha of the returned tensors,
-    "settings": our LoraSettings dict (stored, or rebuilt from the tensors for other tools' files:
-    explicit target names), "user": the metadata given when saving, "file": the raw file metadata}.
-    """
+    unet: dict[str, torch.Tensor]
+    text_encoder: dict[str, torch.Tensor] | None
+    text_encoder_2: dict[str, torch.Tensor] | None  # SDXL's CLIP-bigG
+    family: str  # "sd" (SD 1.x/2.x) or "sdxl": the U-Net config's, else what the file tells
+    format: str  # "diffusers" or "kohya"
+    alpha: float  # the one alpha of these tensors
+    settings: dict[str, Any]  # LoraSettings as a dict: stored, or rebuilt from the tensors (explicit targets)
+    user: dict[str, Any]  # the metadata given when saving
+    file_metadata: dict[str, str]  # the file's own metadata, as stored
+    unet_layout: dict[str, Any] | None  # the U-Net block layout known for it: pass it on as unet_config
+
+    def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The components the file has weights for: {"unet": ..., "text_encoder": ..., ...}."""
+        return {c: sd for c in COMPONENTS if (sd := getattr(self, c))}
+
+
+def load_lora_file(path: str | os.PathLike, unet_config: Any = None) -> LoraFile:
+    """Read a diffusers or kohya LoRA file, SD 1.x/2.x or SDXL, into our layout.
+
+    `unet_config`: the config of the U-Net the LoRA is for. A file for the other family is refused, and
+    U-Net modules under original (sgm) names are read with its block layout. Without it, the layout the
+    file was written with (ours remember it) or, for other tools' SDXL files, SDXL base's is used."""
     path = Path(path)
+    source = str(path)
     state = read_state_dict(path)
     raw = read_lora_metadata(path)
     keys = list(state)
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
-        fmt, (unet, text, alphas) = "kohya", _from_kohya(state, str(path))
-    elif any(k.startswith(("unet.", "text_encoder.")) and (".lora_A." in k or ".lora_B." in k) for k in keys):
-        fmt, (unet, text, alphas) = "diffusers", _from_diffusers(state, raw, str(path))
+        fmt, (grouped, split, seen) = "kohya", _read_kohya(state, source)
+        clues = _family_clues(seen, raw, {prefix for prefix, _, _ in split.values()})
+        sgm_names = any(m.split(".")[0] in _SGM_ROOTS for m in seen["unet"])
+        if unet_config is None and not clues and sgm_names:  # only kohya's SDXL files use sgm names
+            clues = [("sdxl", "its U-Net modules have the original (sgm) names")]
+    elif any(k.startswith(tuple(c + "." for c in COMPONENTS)) and (".lora_A." in k or ".lora_B." in k) for k in keys):
+        fmt, (groups, alphas) = "diffusers", _from_diffusers(state, raw, source)
+        clues = _family_clues(groups, raw)
     else:
         hint = ""
         if any(".processor." in k or "_lora.down." in k for k in keys):
@@ -365,17 +664,33 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict, dict | None, dict]:
         raise CheckpointError(
             f"{path}: not a LoRA file in the diffusers or kohya layout (keys: {preview_keys(keys)}){hint}"
         )
-    ours = json.loads(raw[OUR_KEY]) if OUR_KEY in raw else {}
+    family = _family_for(source, clues, unet_config, CheckpointError)
+    ours = _stored(raw)
+    layout = unet_layout(unet_config) if unet_config is not None else ours.get("unet_layout")
+    if layout is None and family == "sdxl":
+        layout = SDXL_LAYOUT
+    names = KohyaNames(family, unet_module_names(layout) if layout else None)
+    if names.sgm is not None:  # in the file's own naming: a LoRA for another layout fails here, not halfway
+        _check_unet_modules(source, (seen if fmt == "kohya" else groups)["unet"], names.sgm, family)
+    if fmt == "kohya":
+        groups, alphas = _from_kohya(grouped, split, names, source)
+
     settings = ours.get("settings")
     stored = None if settings is None else float(settings.get("alpha") or settings["rank"])
-    alpha = _one_alpha(unet, text, alphas, stored)
+    alpha = _one_alpha(groups, alphas, stored)
     if settings is not None and alpha != stored:  # an edited file: the folded tensors follow the file
         settings = {**settings, "alpha": alpha}
     if settings is None:
-        rank = common_rank(unet, text)
         settings = {
-            "rank": rank, "alpha": alpha, "dropout": 0.0, "targets": sorted(unet) or "attention", "init": True,
-            "use_dora": any("m" in p for p in [*unet.values(), *text.values()]), "text_encoder": bool(text),
+            "rank": common_rank(groups), "alpha": alpha, "dropout": 0.0,
+            "targets": sorted(groups["unet"]) or "attention", "init": True,
+            "use_dora": any("m" in p for mods in groups.values() for p in mods.values()),
+            "text_encoder": bool(groups["text_encoder"] or groups["text_encoder_2"]),
         }
-    meta = {"format": fmt, "alpha": alpha, "settings": settings, "user": ours.get("user") or {}, "file": raw}
-    return join_modules(unet), (join_modules(text) or None), meta
+    return LoraFile(
+        unet=join_modules(groups["unet"]),
+        text_encoder=join_modules(groups["text_encoder"]) or None,
+        text_encoder_2=join_modules(groups["text_encoder_2"]) or None,
+        family=family, format=fmt, alpha=alpha, settings=settings, user=ours.get("user") or {},
+        file_metadata=raw, unet_layout=layout,
+    )

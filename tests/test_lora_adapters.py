@@ -201,12 +201,13 @@ def test_round_trips_are_exact(tmp_path):
     unet_sd, text_sd = lora_state_dict(parts.unet), lora_state_dict(parts.text_encoder)
     user = {"run": "tiny", "steps": 2, "tags": ["a", "b"]}
     for path in save_both(parts, settings, tmp_path, user):
-        unet2, text2, meta = load_lora_file(path)
-        assert unet2.keys() == unet_sd.keys() and text2.keys() == text_sd.keys()
+        lora = load_lora_file(path)
+        unet2, text2 = lora.unet, lora.text_encoder
+        assert unet2.keys() == unet_sd.keys() and text2.keys() == text_sd.keys() and lora.text_encoder_2 is None
         assert all(torch.equal(unet2[k], unet_sd[k]) for k in unet_sd)
         assert all(torch.equal(text2[k], text_sd[k]) for k in text_sd)
-        assert meta["alpha"] == ALPHA and meta["user"] == user
-        assert LoraSettings.from_dict(meta["settings"]) == settings
+        assert lora.alpha == ALPHA and lora.user == user and lora.family == "sd"
+        assert LoraSettings.from_dict(lora.settings) == settings
         # and back into a fresh LoRA model
         again = fresh()
         add_lora(again.unet, settings)
@@ -268,8 +269,9 @@ def test_foreign_kohya_alphas_keep_the_math(tmp_path):
     del state[f"{bare}.alpha"]
     save_file(state, tmp_path / "foreign.safetensors")  # no metadata at all, as some tools write
 
-    unet_sd, text_sd, meta = load_lora_file(tmp_path / "foreign.safetensors")
-    assert meta["format"] == "kohya" and meta["alpha"] == ALPHA and text_sd is None
+    lora = load_lora_file(tmp_path / "foreign.safetensors")
+    unet_sd = lora.unet
+    assert lora.format == "kohya" and lora.alpha == ALPHA and lora.text_encoder is None
     assert torch.equal(unet_sd[module_key(odd, "B")], state[f"{odd}.lora_up.weight"] * (1.0 / ALPHA))
     assert torch.equal(unet_sd[module_key(bare, "B")], state[f"{bare}.lora_up.weight"] * (RANK / ALPHA))
     assert torch.equal(unet_sd[module_key(odd, "A")], state[f"{odd}.lora_down.weight"])
@@ -281,7 +283,7 @@ def test_foreign_kohya_alphas_keep_the_math(tmp_path):
     merge_lora(merged, tmp_path / "foreign.safetensors")
     assert rel_err(outputs(merged.unet, merged.text_encoder)[0], expected) < 1e-5
     again = fresh()  # and the folded tensors loaded into a one-alpha peft model
-    add_lora(again.unet, LoraSettings.from_dict(meta["settings"]))
+    add_lora(again.unet, LoraSettings.from_dict(lora.settings))
     set_lora_state_dict(again.unet, unet_sd)
     assert rel_err(outputs(again.unet, again.text_encoder)[0], expected) < 1e-5
 
@@ -361,9 +363,9 @@ def test_command_line(base_folder, tmp_path):
     r = cli("export", checkpoint, "--out", tmp_path / "export")
     assert r.returncode == 0, r.stderr
     for name in (DIFFUSERS_FILE, KOHYA_FILE):
-        unet_sd, text_sd, meta = load_lora_file(tmp_path / "export" / name)
-        assert all(torch.equal(v, lora_state_dict(parts.unet)[k]) for k, v in unet_sd.items())
-        assert meta["user"] == user and LoraSettings.from_dict(meta["settings"]) == settings
+        lora = load_lora_file(tmp_path / "export" / name)
+        assert all(torch.equal(v, lora_state_dict(parts.unet)[k]) for k, v in lora.unet.items())
+        assert lora.user == user and LoraSettings.from_dict(lora.settings) == settings
 
     r = cli("inspect", tmp_path / "export" / KOHYA_FILE)
     assert r.returncode == 0, r.stderr
@@ -430,8 +432,8 @@ def test_dora_trains_exports_and_loads_in_diffusers(base_folder, tmp_path):
     merged = fresh()
     merge_lora(merged, tmp_path / DIFFUSERS_FILE)
     assert rel_err(outputs(merged.unet, merged.text_encoder)[0], ours) < 1e-5
-    unet2, _, meta = load_lora_file(tmp_path / DIFFUSERS_FILE)
-    assert all(torch.equal(unet2[k], v) for k, v in sd.items()) and meta["settings"]["use_dora"]
+    lora = load_lora_file(tmp_path / DIFFUSERS_FILE)
+    assert all(torch.equal(lora.unet[k], v) for k, v in sd.items()) and lora.settings["use_dora"]
 
 
 @pytest.mark.xfail(strict=True, reason=(

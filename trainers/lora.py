@@ -50,11 +50,16 @@ class LoraMethod(Method):
         return text
 
     def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
-        unet_sd = lora_state_dict(self.components.unet)
-        text_sd = lora_state_dict(self.components.text_encoder) if self.settings.text_encoder else None
+        parts = self.components
+        unet_sd = lora_state_dict(parts.unet)
+        texts = {name: lora_state_dict(model) if self.settings.text_encoder else None
+                 for name, model in parts.text_encoders.items()}
+        # the U-Net's config names the family and, for SDXL, the original module names kohya files use
+        kwargs = dict(text_2_sd=texts.get("text_encoder_2"), unet_config=parts.unet.config)
         meta = {**metadata, "trigger_words": ",".join(self.config.lora.trigger_words)}
-        save_diffusers(folder / DIFFUSERS_FILE, unet_sd, text_sd, meta, settings=self.settings)
+        save_diffusers(folder / DIFFUSERS_FILE, unet_sd, texts.get("text_encoder"), meta, settings=self.settings,
+                       **kwargs)
         if self.settings.use_dora:  # tools disagree on how kohya files store DoRA: diffusers layout only
             return [folder / DIFFUSERS_FILE]
-        save_kohya(folder / KOHYA_FILE, unet_sd, text_sd, self.settings, meta)
+        save_kohya(folder / KOHYA_FILE, unet_sd, texts.get("text_encoder"), self.settings, meta, **kwargs)
         return [folder / DIFFUSERS_FILE, folder / KOHYA_FILE]
