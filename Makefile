@@ -22,15 +22,15 @@ test: venv
 
 # The tiny world's base model, trained here from nothing (a few minutes on a CPU), and its score
 base: venv
-	$(PY) -m trainers.tiny_world --check
+	$(PY) -m worlds.build --check
 
 # A LoRA teaches the tiny base a new shape; builds the base first when it is missing
 demo: venv
-	$(PY) -m trainers.demo
+	$(PY) -m worlds.demo
 
 # Every method trained on the tiny world and scored before/after (about 11 min on a 2-core CPU)
 checks: venv
-	$(PY) -m trainers.checks all
+	$(PY) -m worlds.checks all
 
 # SD 1.5 at 512 px by default; on a CPU pass e.g. BENCH_ARGS="--resolution 256 --grads input"
 bench: venv

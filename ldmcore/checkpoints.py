@@ -62,10 +62,13 @@ class Components:
             tokenizer_2 = second_tokenizer(tokenizer)
         tokenizers = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
         configs = {"text_encoder": preset.text_encoder, "text_encoder_2": preset.text_encoder_2}
+        # drawn in this order (U-Net, VAE, text encoders) so that a seed gives the weights it always gave
+        unet = UNet.from_config(dict(preset.unet)).eval()
+        vae = AutoencoderKL.from_config(dict(preset.vae)).eval()
         encoders = {name: _new_text_encoder(kind, configs[name], tokenizers[tok]) for name, tok, kind in family.text_parts}
         return cls(
-            unet=UNet.from_config(dict(preset.unet)).eval(),
-            vae=AutoencoderKL.from_config(dict(preset.vae)).eval(),
+            unet=unet,
+            vae=vae,
             text_encoder=encoders.get("text_encoder"),
             tokenizer=tokenizers["tokenizer"] if "text_encoder" in encoders else None,
             schedule=NoiseSchedule.from_config(preset.scheduler),

@@ -144,7 +144,7 @@ TINY = Preset(  # for tests: same layout as SD 1.5, a few hundred thousand param
     resolution=32,
 )
 
-TINY_WORLD = Preset(  # the tiny world's base (data_tools.synthetic): SD 1.5's layout, trained on a CPU in minutes
+TINY_WORLD = Preset(  # the tiny world's base (worlds.pictures): SD 1.5's layout, trained on a CPU in minutes
     unet={
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
@@ -180,7 +180,7 @@ TINY_WORLD = Preset(  # the tiny world's base (data_tools.synthetic): SD 1.5's l
     resolution=32,
 )
 
-TEST_WORLD = Preset(  # the test suite's smaller world (trainers.tiny_world.TEST_WORLD): half the channels, a few minutes to train
+TEST_WORLD = Preset(  # the test suite's smaller world (worlds.world.TEST_WORLD): half the channels, a few minutes to train
     unet={**TINY_WORLD.unet, "block_out_channels": [32, 64], "norm_num_groups": 8, "cross_attention_dim": 32},
     vae={**TINY_WORLD.vae, "block_out_channels": [16, 32, 32], "norm_num_groups": 8},
     text_encoder={**TINY_WORLD.text_encoder, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32},

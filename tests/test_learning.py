@@ -1,9 +1,9 @@
 """Every method learns: measured on the test world, with thresholds.
 
-The test world (`trainers.tiny_world.TEST_WORLD`: three shapes, three colours, two plain backgrounds,
+The test world (`worlds.world.TEST_WORLD`: three shapes, three colours, two plain backgrounds,
 a model with half the tiny world's channels) is built here from nothing by the project's own
 trainers, then every method is trained on it through its real entry point (`python -m
-trainers.checks <method> --world test-world`, and the demo's LoRA through `accelerate launch`) and
+worlds.checks <method> --world test-world`, and the demo's LoRA through `accelerate launch`) and
 scored before and after with the tiny world's detector. The thresholds are modest: well under what
 was measured (the measured figures are beside each threshold and in the README), well over what an
 untrained or broken method scores. The README's main table is the larger tiny world's (`make checks`).
@@ -24,8 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainers import checks, demo
-from trainers.tiny_world import TEST_WORLD, build_base
+from worlds import checks, demo
+from worlds.build import build_base
+from worlds.world import TEST_WORLD
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = TEST_WORLD.name
@@ -64,8 +65,8 @@ def world(tmp_path_factory):
     base = build_base(TEST_WORLD, runs, data)
     demo.make_concept(TEST_WORLD, data)  # the demo and the full check share these pictures: drawn once, first
     common = ["--world", WORLD, "--runs", str(runs), "--data", str(data)]
-    jobs = {name: [sys.executable, "-m", "trainers.demo", *common, "--seeds", "4"] if name == "demo"
-            else [sys.executable, "-m", "trainers.checks", name, *common] for name in RUNS}
+    jobs = {name: [sys.executable, "-m", "worlds.demo", *common, "--seeds", "4"] if name == "demo"
+            else [sys.executable, "-m", "worlds.checks", name, *common] for name in RUNS}
     codes = run_all(jobs, root)
     return root, base, codes
 
@@ -84,7 +85,7 @@ def results(world, name: str) -> dict:
 
 def test_the_base_draws_the_asked_shape_and_colour(world):
     from ldmcore.checkpoints import load_components
-    from trainers.evaluate import asks, score
+    from worlds.evaluate import asks, score
 
     _, base, _ = world
     s = score(load_components(base, dtype=torch.float32), asks(world=TEST_WORLD), seeds=(0, 1, 2, 3))

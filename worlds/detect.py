@@ -1,11 +1,11 @@
 """A detector for tiny-world pictures: which shape, which colour, where.
 
-It knows the world's palette and shape templates (`data_tools.synthetic`) and nothing learned:
+It knows the world's palette and shape templates (`worlds.pictures`) and nothing learned:
 the background is the median of the picture's border, the shape is the largest connected region
 that differs from it, its colour the nearest palette colour to the region's median, and its kind
 the template that, stretched to the region's bounding box, overlaps it best (IoU). Generated
 pictures are blurrier than drawn ones, so a region counts as a shape only when some template fits
-it with IoU >= `min_iou`. Its accuracy on ground-truth pictures is tested (tests/test_synthetic.py).
+it with IoU >= `min_iou`. Its accuracy on ground-truth pictures is tested (tests/test_world_pictures.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .synthetic import BACKGROUNDS, COLOURS, SHAPES, shape_mask
+from .pictures import BACKGROUNDS, COLOURS, SHAPES, shape_mask
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that marks a shape's pixel
 MIN_AREA = 0.03  # a region smaller than this share of the picture is noise, not a shape

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_tools.synthetic import scenes, write_dataset
 from ldmcore.checkpoints import load_components
-from trainers import tiny_world
+from worlds import build
+from worlds.pictures import scenes, write_dataset
+from worlds.world import TEST_WORLD, TINY_WORLD, WORLDS
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -32,7 +33,7 @@ def reconstruction_error(model: Path, x: torch.Tensor) -> float:
 
 def test_vae_method_trains_the_autoencoder_and_measures_its_scaling_factor(tmp_path):
     data = write_dataset(tmp_path / "pics", scenes(32, 0, 32), 32)
-    init = tiny_world.make_init(tmp_path / "init")
+    init = build.make_init(tmp_path / "init")
     out = tmp_path / "vae"
     cmd = [sys.executable, "-m", "trainers", str(ROOT / "configs/tiny/world_vae.yaml"), f"model.path={init}",
            f"data.path={data}", f"output_dir={out}", "train.max_steps=30", "train.batch_size=8",
@@ -59,8 +60,8 @@ QUICK = {"vae": ("train.max_steps=2", "train.batch_size=4", "train.warmup_steps=
 
 
 def test_base_build_runs_every_stage_once_and_reuses_the_result(tmp_path, monkeypatch):
-    world = replace(tiny_world.TINY_WORLD, pictures=8, overrides=QUICK)
-    base = tiny_world.build_base(world, tmp_path / "runs", tmp_path / "data")
+    world = replace(TINY_WORLD, pictures=8, overrides=QUICK)
+    base = build.build_base(world, tmp_path / "runs", tmp_path / "data")
     assert base == (tmp_path / "runs" / "tiny-world" / "base").resolve()
     parts = load_components(base, dtype=torch.float32)
     vae_stage = load_components(base.parent / "vae" / "model", dtype=torch.float32)
@@ -76,20 +77,20 @@ def test_base_build_runs_every_stage_once_and_reuses_the_result(tmp_path, monkey
     def no_training(*args, **kwargs):
         raise AssertionError("a finished base must not be rebuilt")
 
-    monkeypatch.setattr(tiny_world, "run_stage", no_training)
-    assert tiny_world.build_base(world, tmp_path / "runs", tmp_path / "data") == base
+    monkeypatch.setattr(build, "run_stage", no_training)
+    assert build.build_base(world, tmp_path / "runs", tmp_path / "data") == base
     assert (base / "model_index.json").stat().st_mtime_ns == stamp
 
 
 def test_a_world_is_data_its_pictures_draw_only_its_shapes_colours_and_backgrounds():
-    w = tiny_world.TEST_WORLD
+    w = TEST_WORLD
     drawn = w.scenes(200, seed=0)
     assert {s.shape for s in drawn} == set(w.shapes) and {s.colour for s in drawn} == set(w.colours)
     assert {s.background for s in drawn} == set(w.backgrounds) and not any(s.textured for s in drawn)
     # the default world's pictures are the ones its figures were measured on: the same draws as before worlds existed
-    assert tiny_world.TINY_WORLD.scenes(50, seed=0) == scenes(50, 0, 32)
+    assert TINY_WORLD.scenes(50, seed=0) == scenes(50, 0, 32)
     from ldmcore.presets import PRESETS
 
-    assert all(world.preset in PRESETS for world in tiny_world.WORLDS.values())
+    assert all(world.preset in PRESETS for world in WORLDS.values())
 
 

@@ -1,9 +1,9 @@
 """The tiny world's base model, built from nothing by the project's own trainers (`make base`).
 
-    python -m trainers.tiny_world [--world tiny-world|test-world] [--runs runs] [--data data] [--check]
+    python -m worlds.build [--world tiny-world|test-world] [--runs runs] [--data data] [--check]
 
-A world (`World`: its shapes, colours, backgrounds, model preset and run lengths) is built in stages
-under `<runs>/<world>/`, its pictures under `<data>/<world>/`:
+A world (`worlds.world.World`: its shapes, colours, backgrounds, model preset and run lengths) is
+built in stages under `<runs>/<world>/`, its pictures under `<data>/<world>/`:
 
 1. pictures: `base`, seeded pictures of the world's shapes and colours with captions, and
    `codec`, pictures of every shape in the world's colours for the autoencoder alone: the VAE is the
@@ -29,70 +29,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from data_tools.synthetic import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, Scene, scenes
+from .pictures import SHAPES, TRUTH_FILE, Scene, vocabulary, write_dataset
+from .world import SIZE, TINY_WORLD, WORLDS, World
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "tiny"
-SIZE = 32  # pixels; the tiny-world VAE makes 8x8 latents of them
-
-
-@dataclass(frozen=True)
-class World:
-    """A tiny world, as data: what its base is taught (shapes, colours, backgrounds), its model
-    preset, how many pictures, and key=value overrides per training run ("vae" and "unet" for the
-    base, "demo", and each check's name) put after the run's config file and before the user's.
-    Everything of a world lives under `<runs>/<name>/` and its pictures under `<data>/<name>/`."""
-
-    name: str
-    preset: str
-    shapes: tuple[str, ...] = BASE_SHAPES
-    colours: tuple[str, ...] = BASE_COLOURS
-    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
-    textured_share: float = 0.2
-    pictures: int = 3000
-    samples: int = 48  # pictures behind each measured share of the method checks
-    class_shape: str = "diamond"  # the DreamBooth check's class: "a red <class_shape> on a white background"
-    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
-
-    def kinds(self) -> dict:
-        """What `data_tools.synthetic.scenes` draws from in this world."""
-        return {"shapes": self.shapes, "colours": self.colours, "backgrounds": self.backgrounds,
-                "textured_share": self.textured_share}
-
-    def scenes(self, n: int, seed: int, **kinds) -> list[Scene]:
-        """`n` seeded scenes of this world; `kinds` narrows or widens what is drawn."""
-        return scenes(n, seed, SIZE, **{**self.kinds(), **kinds})
-
-    def run_overrides(self, run: str) -> tuple[str, ...]:
-        return tuple(self.overrides.get(run, ()))
-
-
-#: the demo's and the README's world: four shapes, six colours, three backgrounds (`make base`, ~13 min)
-TINY_WORLD = World("tiny-world", "tiny-world")
-
-#: the test suite's world, where every method is trained and scored within CI's budget: three shapes,
-#: three colours, two plain backgrounds, a model with half the channels (preset "test-world"), and
-#: shorter runs. What each method scores here is asserted by tests/test_learning.py.
-TEST_WORLD = World(
-    "test-world", "test-world", shapes=("circle", "triangle", "square"), colours=("red", "blue", "yellow"),
-    backgrounds=("white", "black"), textured_share=0.0, pictures=800, samples=36, class_shape="square",
-    overrides={
-        "vae": ("train.max_steps=300",),
-        "unet": ("train.max_steps=1200", "train.learning_rate=3.0e-3", "loss.min_snr_gamma=5"),
-        # the smaller model takes (and needs) larger steps than the tiny world's
-        "demo": ("train.max_steps=400", "train.learning_rate=4.0e-3", "train.checkpoint_every=200", "validation.every=200"),
-        "inpaint": ("train.max_steps=900", "train.learning_rate=1.5e-3", "train.checkpoint_every=900"),
-        "full": ("train.max_steps=800", "train.learning_rate=1.0e-3", "train.checkpoint_every=800"),
-        "dreambooth": ("train.learning_rate=3.0e-3",),
-        "controlnet": ("train.learning_rate=2.0e-3",),
-    },
-)
-
-WORLDS = {w.name: w for w in (TINY_WORLD, TEST_WORLD)}
 
 
 def run_stage(config: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> None:
@@ -105,9 +49,7 @@ def run_stage(config: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> 
 
 def make_pictures(folder: Path, draw: Callable[[], list[Scene]], **write) -> Path:
     """Write the scenes `draw()` gives into `folder`, unless a finished folder is there (its truth
-    file is written last). `write`: `data_tools.synthetic.write_dataset`'s options."""
-    from data_tools.synthetic import TRUTH_FILE, write_dataset
-
+    file is written last). `write`: `worlds.pictures.write_dataset`'s options."""
     if not (folder / TRUTH_FILE).is_file():
         write_dataset(folder, draw(), SIZE, progress=True, **write)
     return folder
@@ -119,7 +61,6 @@ def base_pictures(world: World, data: Path | str) -> Path:
 
 
 def make_init(folder: Path, seed: int = 0, preset: str = TINY_WORLD.preset) -> Path:
-    from data_tools.synthetic import vocabulary
     from ldmcore.checkpoints import Components
     from ldmcore.text import build_word_tokenizer
 
@@ -143,8 +84,6 @@ def publish(model: Path, target: Path) -> Path:
 
 def build_base(world: World = TINY_WORLD, runs: Path | str = "runs", data: Path | str = "data") -> Path:
     """Build `<runs>/<world>/base` unless it exists, and return it."""
-    from data_tools.synthetic import SHAPES
-
     home, data = Path(runs).resolve() / world.name, Path(data).resolve()
     base = home / "base"
     if (base / "model_index.json").is_file():
@@ -170,7 +109,7 @@ def build_base(world: World = TINY_WORLD, runs: Path | str = "runs", data: Path 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainers.tiny_world", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m worlds.build", description=__doc__.split("\n\n")[0])
     p.add_argument("--world", choices=sorted(WORLDS), default=TINY_WORLD.name)
     p.add_argument("--runs", default="runs", help="the stages and the base go to <runs>/<world>")
     p.add_argument("--data", default="data", help="the pictures go to <data>/<world>")

@@ -1,13 +1,13 @@
 """Measured checks on the tiny world: does a model draw what its prompt asks?
 
 Every check samples the model for prompts whose answer is known and scores the pictures with
-the tiny world's detector (`data_tools.detect`). The same numbers back the demo's summary, the
+the tiny world's detector (`worlds.detect`). The same numbers back the demo's summary, the
 README's figures and the tests' thresholds.
 
-    python -m trainers.evaluate base runs/tiny-world/base
-    python -m trainers.evaluate concept runs/tiny-world/base --lora runs/tiny-world/demo/pytorch_lora_weights.safetensors \
+    python -m worlds.evaluate base runs/tiny-world/base
+    python -m worlds.evaluate concept runs/tiny-world/base --lora runs/tiny-world/demo/pytorch_lora_weights.safetensors \
         --word zorb --shape cross
-    python -m trainers.evaluate base runs/test-world/base --world test-world   # its own shapes and colours
+    python -m worlds.evaluate base runs/test-world/base --world test-world   # its own shapes and colours
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_tools.detect import detect
 from ldmcore.checkpoints import Components, load_components
 
-from .tiny_world import TINY_WORLD, WORLDS, World
+from .detect import detect
+from .world import TINY_WORLD, WORLDS, World
 
 #: how every check samples: few steps of DPM++ 2M are plenty for 8x8 latents
 SAMPLING = {"steps": 20, "guidance_scale": 4.0, "sampler": "dpmpp_2m"}
@@ -163,7 +163,7 @@ def mask_iou(picture: Image.Image, truth: np.ndarray) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainers.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m worlds.evaluate", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="check", required=True)
     base = sub.add_parser("base", help="does the model draw the asked base shape and colour?")
     concept = sub.add_parser("concept", help="does a trigger word draw its new shape, and do base prompts survive?")

@@ -2,7 +2,7 @@
 
 A scene is one shape of one colour in a square box on a plain or lightly textured background;
 its caption names the three ("a red circle on a white background"). Shapes are polygons given in
-a unit box, so the generator and the detector (`data_tools.detect`) draw them the same way. The
+a unit box, so the generator and the detector (`worlds.detect`) draw them the same way. The
 world is small enough for a diffusion model to learn on a CPU in minutes and rich enough that a
 picture can be checked: was the asked shape drawn, in the asked colour?
 """

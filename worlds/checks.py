@@ -1,9 +1,9 @@
 """Measured proof that each training method learns, on the tiny world.
 
-    python -m trainers.checks full|dreambooth|inpaint|controlnet|all [--world tiny-world|test-world]
-                              [--runs runs] [--data data] [--base PATH] [--samples N] [--fresh] [key=value ...]
+    python -m worlds.checks full|dreambooth|inpaint|controlnet|all [--world tiny-world|test-world]
+                            [--runs runs] [--data data] [--base PATH] [--samples N] [--fresh] [key=value ...]
 
-Every check starts from a tiny world's base (`trainers.tiny_world` builds it at <runs>/<world>/base,
+Every check starts from a tiny world's base (`worlds.build` builds it at <runs>/<world>/base,
 or --base names one), trains its method through the real entry point (`python -m trainers
 configs/tiny/world_<method>.yaml`, then the world's overrides for the method, then the key=value
 given here), samples the model before and after for prompts whose answer is known, and scores the
@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .build import CONFIGS, base_pictures, build_base, make_pictures, run_stage
 from .demo import HELD_OUT, TRIGGER, make_concept
-from .tiny_world import CONFIGS, SIZE, TINY_WORLD, WORLDS, World, base_pictures, build_base, make_pictures, run_stage
+from .world import SIZE, TINY_WORLD, WORLDS, World
 
 HELDOUT_SEED = 7  # scenes no method trained on (the base pictures use seed 0, the demo's concept seed 1)
 INSTANCE_COLOUR, INSTANCE_BACKGROUND = "red", "white"  # DreamBooth: the subject; its class shape is the world's
@@ -151,8 +152,7 @@ def make_instances(world: World, data: Path) -> Path:
 
 
 def check_dreambooth(setup: Setup) -> dict:
-    from data_tools.detect import detect
-
+    from .detect import detect
     from .evaluate import Ask, grid, score, with_lora
 
     instance_prompt = f"a {INSTANCE_COLOUR} {TRIGGER} on a {INSTANCE_BACKGROUND} background"
@@ -220,10 +220,10 @@ def erase_asks(n: int, world: World = TINY_WORLD):
 
 
 def check_inpaint(setup: Setup) -> dict:
-    from data_tools.synthetic import render
     from ldmcore.inpaint import inpaint, widen_conv_in
 
     from .evaluate import SAMPLING, grid, repaint_score
+    from .pictures import render
 
     pictures = base_pictures(setup.world, setup.data)
     items = erase_asks(setup.samples, setup.world)
@@ -269,7 +269,7 @@ def vae_round_trip_change(parts, originals: Sequence[Image.Image], regions: Sequ
 
 def shape_map(scene) -> Image.Image:
     """A scene's control map: its shape's mask, white on black, RGB."""
-    from data_tools.synthetic import shape_mask
+    from .pictures import shape_mask
 
     mask = shape_mask(scene.shape, scene.box, SIZE).astype(np.uint8) * 255  # (H, W)
     return Image.fromarray(np.repeat(mask[..., None], 3, axis=-1), "RGB")
@@ -277,7 +277,7 @@ def shape_map(scene) -> Image.Image:
 
 def make_shape_maps(folder: Path, pictures: Path) -> Path:
     """One map per picture of a tiny-world folder, named by the picture's stem (data.cache.control: folder)."""
-    from data_tools.synthetic import read_truth
+    from .pictures import read_truth
 
     done = folder / "complete"
     if not done.is_file():
@@ -289,11 +289,11 @@ def make_shape_maps(folder: Path, pictures: Path) -> Path:
 
 
 def check_controlnet(setup: Setup) -> dict:
-    from data_tools.detect import detect
-    from data_tools.synthetic import render, shape_mask
     from ldmcore.controlnet import ControlNet, generate_controlled
 
+    from .detect import detect
     from .evaluate import SAMPLING, grid, mask_iou, sample
+    from .pictures import render, shape_mask
 
     pictures = base_pictures(setup.world, setup.data)
     maps = make_shape_maps(pictures.with_name("base-shape-maps"), pictures)
@@ -324,7 +324,7 @@ CHECKS = {"full": check_full, "dreambooth": check_dreambooth, "inpaint": check_i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainers.checks", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m worlds.checks", description=__doc__.split("\n\n")[0])
     p.add_argument("method", choices=[*CHECKS, "all"])
     p.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every training run, after the check's own")
     p.add_argument("--world", choices=sorted(WORLDS), default=TINY_WORLD.name, help="which tiny world (test-world: the tests' smaller one)")
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = Path(args.base).resolve() if args.base else build_base(world, runs, data)
     if not (base / "model_index.json").is_file():
         raise SystemExit(f"--base {args.base}: not a model folder (no model_index.json); build one with "
-                         "`python -m trainers.tiny_world` or leave --base out")
+                         "`python -m worlds.build` or leave --base out")
     out = runs / world.name / "checks"
     out.mkdir(parents=True, exist_ok=True)
     for name in CHECKS if args.method == "all" else [args.method]:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data_tools.detect import detect, share_matching
-from data_tools.synthetic import (
+from worlds.detect import detect, share_matching
+from worlds.pictures import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,

@@ -1,6 +1,6 @@
 """`make demo`: teach the tiny base a shape it has never seen, and measure that it learned.
 
-1. the tiny base (built once by `trainers.tiny_world`, reused after);
+1. the tiny base (built once by `worlds.build`, reused after);
 2. a small set of pictures of crosses (a shape held out of the base's data) captioned with the
    trigger word "zorb": "a red zorb on a white background", beside as many ordinary pictures
    (regularisation, so that ordinary prompts keep their meaning);
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .tiny_world import CONFIGS, ROOT, TINY_WORLD, WORLDS, World, build_base, make_pictures, run_stage
+from .build import CONFIGS, ROOT, build_base, make_pictures, run_stage
+from .world import TINY_WORLD, WORLDS, World
 
 TRIGGER, HELD_OUT = "zorb", "cross"
 CONCEPT_PICTURES = 48
@@ -46,7 +47,7 @@ def accelerate_launcher() -> tuple[str, ...]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainers.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m worlds.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--world", choices=sorted(WORLDS), default=TINY_WORLD.name, help="which tiny world (test-world: the tests' smaller one)")
     p.add_argument("--runs", default="runs", help="the base, the LoRA run and the summary go to <runs>/<world>")
     p.add_argument("--data", default="data", help="the pictures go to <data>/<world>")

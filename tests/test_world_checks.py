@@ -1,4 +1,4 @@
-"""The method checks' scorers (trainers/checks.py, trainers/evaluate.py) on drawn ground truth: they
+"""The method checks' scorers (worlds/checks.py, worlds/evaluate.py) on drawn ground truth: they
 score what they claim. Every check run end to end, with thresholds on what it measures, is in
 tests/test_learning.py; the tiny world's figures are in the README."""
 from dataclasses import replace
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.synthetic import BACKGROUNDS, Scene, render, scenes, shape_mask
-from trainers import checks, tiny_world
-from trainers.evaluate import mask_iou, repaint_score
+from worlds import checks
+from worlds.evaluate import mask_iou, repaint_score
+from worlds.pictures import BACKGROUNDS, Scene, render, scenes, shape_mask
+from worlds.world import WORLDS
 
 SIZE = checks.SIZE
 
@@ -21,7 +22,7 @@ def fill_region(picture: Image.Image, region: np.ndarray, background: str) -> Im
     return Image.fromarray(pixels)
 
 
-@pytest.mark.parametrize("world", list(tiny_world.WORLDS.values()), ids=list(tiny_world.WORLDS))
+@pytest.mark.parametrize("world", list(WORLDS.values()), ids=list(WORLDS))
 def test_repaint_score_is_perfect_for_the_asked_shape_drawn_in_the_region_and_zero_for_the_rest(world):
     items = checks.erase_asks(12, world)
     assert all(a.shape != s.shape and a.colour != s.colour for s, _, a in items)  # it asks for something new
@@ -70,7 +71,7 @@ def test_mask_iou_is_near_one_for_the_ground_truth_and_low_for_a_shifted_or_empt
 
 
 def test_shape_maps_are_the_ground_truth_masks_by_file_stem(tmp_path):
-    from data_tools.synthetic import read_truth, write_dataset
+    from worlds.pictures import read_truth, write_dataset
 
     pictures = write_dataset(tmp_path / "pics", scenes(5, seed=4, size=SIZE), SIZE)
     maps = checks.make_shape_maps(tmp_path / "maps", pictures)

@@ -1,0 +1,64 @@
+"""What a world is, as data, and the worlds there are: TINY_WORLD (the demo's and the README's) and
+TEST_WORLD (the test suite's smaller one). `WORLDS` names them for every command's `--world`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .pictures import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, Scene, scenes
+
+SIZE = 32  # pixels; the tiny-world VAE makes 8x8 latents of them
+
+
+@dataclass(frozen=True)
+class World:
+    """A tiny world, as data: what its base is taught (shapes, colours, backgrounds), its model
+    preset, how many pictures, and key=value overrides per training run ("vae" and "unet" for the
+    base, "demo", and each check's name) put after the run's config file and before the user's.
+    Everything of a world lives under `<runs>/<name>/` and its pictures under `<data>/<name>/`."""
+
+    name: str
+    preset: str
+    shapes: tuple[str, ...] = BASE_SHAPES
+    colours: tuple[str, ...] = BASE_COLOURS
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    textured_share: float = 0.2
+    pictures: int = 3000
+    samples: int = 48  # pictures behind each measured share of the method checks
+    class_shape: str = "diamond"  # the DreamBooth check's class: "a red <class_shape> on a white background"
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+
+    def kinds(self) -> dict:
+        """What `worlds.pictures.scenes` draws from in this world."""
+        return {"shapes": self.shapes, "colours": self.colours, "backgrounds": self.backgrounds,
+                "textured_share": self.textured_share}
+
+    def scenes(self, n: int, seed: int, **kinds) -> list[Scene]:
+        """`n` seeded scenes of this world; `kinds` narrows or widens what is drawn."""
+        return scenes(n, seed, SIZE, **{**self.kinds(), **kinds})
+
+    def run_overrides(self, run: str) -> tuple[str, ...]:
+        return tuple(self.overrides.get(run, ()))
+
+
+#: the demo's and the README's world: four shapes, six colours, three backgrounds (`make base`, ~13 min)
+TINY_WORLD = World("tiny-world", "tiny-world")
+
+#: the test suite's world, where every method is trained and scored within CI's budget: three shapes,
+#: three colours, two plain backgrounds, a model with half the channels (preset "test-world"), and
+#: shorter runs. What each method scores here is asserted by tests/test_learning.py.
+TEST_WORLD = World(
+    "test-world", "test-world", shapes=("circle", "triangle", "square"), colours=("red", "blue", "yellow"),
+    backgrounds=("white", "black"), textured_share=0.0, pictures=800, samples=36, class_shape="square",
+    overrides={
+        "vae": ("train.max_steps=300",),
+        "unet": ("train.max_steps=1200", "train.learning_rate=3.0e-3", "loss.min_snr_gamma=5"),
+        # the smaller model takes (and needs) larger steps than the tiny world's
+        "demo": ("train.max_steps=400", "train.learning_rate=4.0e-3", "train.checkpoint_every=200", "validation.every=200"),
+        "inpaint": ("train.max_steps=900", "train.learning_rate=1.5e-3", "train.checkpoint_every=900"),
+        "full": ("train.max_steps=800", "train.learning_rate=1.0e-3", "train.checkpoint_every=800"),
+        "dreambooth": ("train.learning_rate=3.0e-3",),
+        "controlnet": ("train.learning_rate=2.0e-3",),
+    },
+)
+
+WORLDS = {w.name: w for w in (TINY_WORLD, TEST_WORLD)}
