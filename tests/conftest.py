@@ -36,6 +36,19 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torc
     return module
 
 
+def unet_call_inputs(config, seed: int = 0, size: int = 16, channels: int | None = None):
+    """(x, t, context, extra keyword inputs) for two samples through a U-Net of this config: SDXL's
+    also take a pooled text embedding and six size ids per sample (`extra["added_cond_kwargs"]`)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, channels or config.in_channels, size, size, generator=g)
+    t, ctx = torch.tensor([20, 850]), torch.randn(2, 77, config.cross_attention_dim, generator=g)
+    if config.addition_embed_type != "text_time":
+        return x, t, ctx, {}
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [96, 64, 16, 0, 64, 64]])
+    return x, t, ctx, {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled, generator=g), "time_ids": ids}}
+
+
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launcher, randomize_, rel_err
+from conftest import accelerate_launcher, randomize_, rel_err, unet_call_inputs
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
@@ -267,14 +267,15 @@ def test_generation_matches_diffusers_controlnet_pipeline(tmp_path):
 # -- training through the real entry point -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny base model and four 64 px pictures with edges, captioned."""
+@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl"])
+def world(request, tmp_path_factory):
+    """A tiny base model and four 64 px pictures with edges, captioned; once per family (SD 1.x's
+    layout, SDXL's: its ControlNet takes the pooled text and size conditioning too)."""
     from ldmcore.checkpoints import Components
     from ldmcore.text import build_word_tokenizer
 
-    root = tmp_path_factory.mktemp("cnworld")
-    parts = Components.from_preset("tiny", build_word_tokenizer(WORDS))
+    root = tmp_path_factory.mktemp(f"cnworld-{request.param}")
+    parts = Components.from_preset(request.param, build_word_tokenizer(WORDS))
     randomize_(parts.vae, seed=1, std=0.05)
     randomize_(parts.unet, seed=2, std=0.05)
     parts.save_pretrained(root / "model")
@@ -329,11 +330,11 @@ def test_a_run_trains_the_controlnet_and_exports_it(world, whole):
     for k, v in ours.state_dict().items():  # the export is the last checkpoint's weights
         assert torch.equal(v, last["controlnet." + k]), k
     ref = ControlNetModel.from_pretrained(whole / "controlnet").eval()
-    x, t, ctx, _ = inputs(ours.config, h=16, w=16)
+    x, t, ctx, extra = unet_call_inputs(ours.config, size=16)
     cond = torch.from_numpy(np.asarray(canny(edge_picture(0, 64)), dtype=np.float32) / 255).permute(2, 0, 1)
     cond = cond[None].repeat(2, 1, 1, 1)  # (2, 3, 64, 64)
     with torch.no_grad():
-        assert_residuals_close(ours(x, t, ctx, cond), ref(x, t, ctx, cond, return_dict=False))
+        assert_residuals_close(ours(x, t, ctx, cond, **extra), ref(x, t, ctx, cond, **extra, return_dict=False))
     single = load_controlnet_single_file(whole / "controlnet.safetensors")
     assert all(torch.equal(single.state_dict()[k], v) for k, v in ours.state_dict().items())
     from safetensors import safe_open
@@ -370,6 +371,8 @@ def _stop_after_first_checkpoint(out: Path):
 @pytest.mark.parametrize("setup", ["multi", "zero2", "zero3"])
 def test_two_processes_equal_one_with_twice_the_batch(world, whole, tmp_path, setup):
     """Data parallel, and DeepSpeed ZeRO-2/3 (the ControlNet sharded, the frozen U-Net whole on each rank)."""
+    if setup == "multi" and (world / "model" / "text_encoder_2").is_dir():
+        pytest.skip("one data-parallel family is enough for the suite's time: ZeRO-2/3 cover SDXL")
     two = tmp_path / "two"
     run(world, two, "train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2", "loss.caption_dropout=0.3",
         launcher=accelerate_launcher(setup))
@@ -403,11 +406,15 @@ def test_a_bf16_step_takes_accelerates_float32_outputs(world):
     m.components.unet.to(torch.bfloat16)
     cn = m.controlnet.train()
     g = torch.Generator().manual_seed(0)
-    batch = {"mean": torch.randn(2, 4, 16, 16, generator=g), "std": torch.full((2, 4, 16, 16), 0.1),
-             "text": {"hidden": torch.randn(2, 77, 32, generator=g)},
+    with torch.no_grad():  # the family's text conditioning, as the cache would hold it
+        encoder = m.components.prompt_encoder()
+        text = encoder(["a red circle", "a blue square"])
+        empty = {k: v[0] for k, v in m.components.family.empty_text(encoder([""])).items()}
+    batch = {"mean": torch.randn(2, 4, 16, 16, generator=g), "std": torch.full((2, 4, 16, 16), 0.1), "text": text,
+             "size": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2),
              "control": torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)}
     with torch.autocast("cpu", torch.bfloat16):
-        loss = m.loss({"controlnet": convert_outputs_to_fp32(cn.forward)}, batch, {"hidden": torch.zeros(77, 32)},
+        loss = m.loss({"controlnet": convert_outputs_to_fp32(cn.forward)}, batch, empty,
                       [torch.Generator().manual_seed(i) for i in range(2)])
     loss.backward()
     assert torch.isfinite(loss)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launcher, randomize_, rel_err
+from conftest import accelerate_launcher, randomize_, rel_err, unet_call_inputs
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -108,19 +108,6 @@ def assert_resume_matches(world, tmp_path, method, *common, fresh_class_folders=
     return tmp_path / "whole"
 
 
-def unet_inputs(config, seed=0):
-    """(x, t, context, extra keyword inputs) for a U-Net of this config; SDXL's take a pooled embedding
-    and six size ids per sample."""
-    g = torch.Generator().manual_seed(seed)
-    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([20, 850])
-    ctx = torch.randn(2, 77, config.cross_attention_dim, generator=g)
-    if config.addition_embed_type != "text_time":
-        return x, t, ctx, {}
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [96, 64, 16, 0, 64, 64]])
-    return x, t, ctx, {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled, generator=g), "time_ids": ids}}
-
-
 # -- full fine-tune --------------------------------------------------------------------------------
 
 
@@ -153,7 +140,7 @@ def test_full_run_resumes_exactly_and_exports_ema_and_raw_weights_that_diffusers
     # model/unet holds the EMA, model/unet_raw the raw weights; diffusers computes what ldmcore does
     ours = UNet.from_pretrained(world / "model" / "unet")
     ours.load_state_dict(ema)
-    x, t, ctx, extra = unet_inputs(ours.config)
+    x, t, ctx, extra = unet_call_inputs(ours.config)
     base_parts = load_components(world / "model")
     pipeline = getattr(diffusers, base_parts.family.pipeline_class)
     pipe = pipeline.from_pretrained(out / "model")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_training_world
+from conftest import build_training_world, unet_call_inputs
 from safetensors.torch import load_file
 
 
@@ -163,15 +163,7 @@ def test_the_exported_lora_gives_diffusers_the_trained_model(any_world, tmp_path
     assert not result.unexpected_keys, result.unexpected_keys[:3]
     assert not [k for k in result.missing_keys if "lora" in k], [k for k in result.missing_keys if "lora" in k][:3]
     pipe = diffusers.DiffusionPipeline.from_pretrained(world / "model", safety_checker=None)
-    cfg = ours.unet.config
-    g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
-    t = torch.tensor([50, 700])
-    extra = {}
-    if cfg.addition_embed_type == "text_time":  # SDXL: a pooled embedding and six size ids per sample
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled, generator=g),
-                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64], [80, 48, 8, 0, 64, 64]])}}
+    x, t, ctx, extra = unet_call_inputs(ours.unet.config)
     with torch.no_grad():
         base = pipe.unet(x, t, ctx, **extra).sample
         expected = ours.unet(x, t, ctx, **extra)
