@@ -246,3 +246,51 @@ def test_resuming_with_another_lora_setting_is_refused_clearly(world, tmp_path):
     proc = run(world, out, "train.max_steps=4", "train.resume=latest", "lora.rank=8", expect=2)
     assert "does not fit this run's trained parameters" in proc.stderr and "LoRA setting" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_refiner_given_as_the_base_is_refused_naming_it(tmp_path, capsys):
+    from conftest import TRAIN_WORDS
+
+    from ldmcore.checkpoints import Components
+    from ldmcore.text import build_word_tokenizer
+    from trainers.__main__ import main
+
+    Components.from_preset("tiny-sdxl-refiner", build_word_tokenizer(TRAIN_WORDS)).save_pretrained(tmp_path / "refiner")
+    code = main([str(ROOT / "configs" / "tiny" / "sdxl_lora.yaml"), f"model.path={tmp_path / 'refiner'}",
+                 f"data.path={tmp_path}", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "is an SDXL refiner" in err and "point model.path at a base model" in err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_each_pictures_size_ids_reach_the_sdxl_unet_and_dropped_captions_are_zeros(tmp_path):
+    """SDXL's micro-conditioning in training: the cached ids of each picture's own transform reach the
+    U-Net (other ids, another loss), and a dropped caption conditions on zeros as SDXL was trained."""
+    from ldmcore.checkpoints import load_components
+    from trainers.batch import to_device
+    from trainers.config import read_config
+    from trainers.loop import collate, make_method, sample_generators
+
+    world = build_training_world(tmp_path, preset="tiny-sdxl")
+    config = read_config(ROOT / "configs" / "tiny" / "sdxl_lora.yaml", [
+        f"model.path={world / 'model'}", f"data.path={world / 'data'}", f"data.cache.dir={tmp_path / 'cache'}",
+        f"output_dir={tmp_path / 'out'}"])
+    parts = load_components(world / "model")
+    method = make_method(config, parts)
+    dataset, _ = method.dataset(torch.device("cpu"), progress=False)
+    item = dataset[0]
+    assert item["size"].tolist() == [64, 64, 0, 0, 64, 64]  # a 64x64 picture in the 64x64 bucket, uncropped
+    assert set(item["text"]) == {"hidden", "pooled"}
+    batch = to_device(collate([dataset[0], dataset[1]]), "cpu")
+    empty = parts.family.empty_text(to_device(dataset.empty_text(), "cpu"))
+    assert all(not v.any() for v in empty.values())
+
+    def loss(b):
+        with torch.no_grad():
+            return method.loss({"unet": parts.unet}, b, empty, sample_generators(0, 3, torch.tensor([0, 1]))).item()
+
+    other_size = {**batch, "size": torch.tensor([[128.0, 96, 16, 8, 64, 64]] * 2)}
+    assert abs(loss(other_size) - loss(batch)) > 1e-6 * loss(batch)
+    dropped = method.encode_text(batch, torch.tensor([True, False]), empty, {})
+    assert not dropped["hidden"][0].any() and not dropped["pooled"][0].any()
+    assert torch.equal(dropped["pooled"][1], batch["text"]["pooled"][1])

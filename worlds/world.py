@@ -61,4 +61,13 @@ TEST_WORLD = World(
     },
 )
 
-WORLDS = {w.name: w for w in (TINY_WORLD, TEST_WORLD)}
+#: the test world's pictures and runs for an SDXL-shaped base (preset "test-world-sdxl": two text encoders,
+#: pooled and size conditioning, three levels with the first without attention), so the SDXL family's
+#: methods are shown to learn as the SD layout's are. The pictures are TEST_WORLD's (same kinds and seeds).
+TEST_WORLD_SDXL = World(
+    "test-world-sdxl", "test-world-sdxl", shapes=TEST_WORLD.shapes, colours=TEST_WORLD.colours,
+    backgrounds=TEST_WORLD.backgrounds, textured_share=0.0, pictures=TEST_WORLD.pictures, samples=TEST_WORLD.samples,
+    class_shape=TEST_WORLD.class_shape, overrides=TEST_WORLD.overrides,
+)
+
+WORLDS = {w.name: w for w in (TINY_WORLD, TEST_WORLD, TEST_WORLD_SDXL)}
