@@ -30,16 +30,16 @@ TextConditioning = dict[str, torch.Tensor]  # "hidden" (b, tokens, width), optio
 
 
 class Family:
-    """The defaults describe Stable Diffusion 1.x/2.x: one CLIP text encoder, no extra conditioning."""
+    """What every family says; one subclass per family, one instance each (`FAMILIES`)."""
 
-    name: ClassVar[str] = "sd"
-    title: ClassVar[str] = "Stable Diffusion 1.x/2.x"
-    pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
-    inpaint_pipeline_class: ClassVar[str] = "StableDiffusionInpaintPipeline"
-    scheduler_class: ClassVar[str] = "DDIMScheduler"
+    name: ClassVar[str]
+    title: ClassVar[str]
+    pipeline_class: ClassVar[str]  # diffusers pipeline in model_index.json
+    inpaint_pipeline_class: ClassVar[str]  # ... for a 9-channel U-Net
+    scheduler_class: ClassVar[str]  # the scheduler a saved folder names
     #: (component, tokenizer, transformers class) for every text encoder, in the order the hidden
     #: states are concatenated
-    text_parts: ClassVar[tuple[tuple[str, str, str], ...]] = (("text_encoder", "tokenizer", "CLIPTextModel"),)
+    text_parts: ClassVar[tuple[tuple[str, str, str], ...]]
     #: extra model_index.json entries a diffusers pipeline of this family reads
     pipeline_options: ClassVar[dict[str, Any]] = {}
     #: whether an empty prompt conditions on zeros instead of the encoded empty string
@@ -50,10 +50,8 @@ class Family:
     # -- text ------------------------------------------------------------------------------------
 
     def prompt_encoder(self, parts, clip_skip: int = 0, max_windows: int = 3) -> torch.nn.Module:
-        """A module: prompts -> TextConditioning."""
-        from .text import PromptEncoder
-
-        return _HiddenOnly(PromptEncoder(parts.tokenizer, parts.text_encoder, clip_skip=clip_skip, max_windows=max_windows))
+        """A module: prompts -> TextConditioning, with a `text_encoders` list (the cache hashes them)."""
+        raise NotImplementedError
 
     def empty_text(self, encoded: TextConditioning) -> TextConditioning:
         """What an empty prompt conditions on, given the encoded empty string."""
@@ -73,29 +71,55 @@ class Family:
     # -- the denoiser call -----------------------------------------------------------------------
 
     def denoiser_inputs(self, text: TextConditioning, ids: torch.Tensor | None = None) -> dict[str, Any]:
-        """The U-Net's keyword inputs beyond (sample, timestep). `ids`: (b, n) from `size_ids`."""
-        return {"encoder_hidden_states": text["hidden"]}
+        """The U-Net's keyword inputs beyond (sample, timestep). `ids`: (b, n) from `size_ids`, or in
+        training the cache's per-picture (original h, w, crop top, left, target h, w)."""
+        raise NotImplementedError
 
     # -- files -----------------------------------------------------------------------------------
 
     def from_original(self, state: Mapping[str, torch.Tensor], configs: dict) -> dict[str, dict[str, torch.Tensor]]:
         """An original single file's state dict -> diffusers-named state dicts by component ("unet",
         "vae" and the `text_parts`). `configs`: the components' config dicts, plus "text_kind"."""
+        raise NotImplementedError
+
+    def to_original(self, parts) -> dict[str, torch.Tensor]:
+        """The components as one original single-file state dict."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}: {self.title}>"
+
+
+class StableDiffusion(Family):
+    """SD 1.x/2.x: one CLIP text encoder (its last layer, or clip skip), no extra conditioning."""
+
+    name = "sd"
+    title = "Stable Diffusion 1.x/2.x"
+    pipeline_class = "StableDiffusionPipeline"
+    inpaint_pipeline_class = "StableDiffusionInpaintPipeline"
+    scheduler_class = "DDIMScheduler"
+    text_parts = (("text_encoder", "tokenizer", "CLIPTextModel"),)
+
+    def prompt_encoder(self, parts, clip_skip=0, max_windows=3):
+        from .text import PromptEncoder
+
+        return _HiddenOnly(PromptEncoder(parts.tokenizer, parts.text_encoder, clip_skip=clip_skip, max_windows=max_windows))
+
+    def denoiser_inputs(self, text, ids=None):
+        return {"encoder_hidden_states": text["hidden"]}
+
+    def from_original(self, state, configs):
         from .single_file import original_to_diffusers
 
         return original_to_diffusers(state, configs["unet"], configs["vae"], configs["text_kind"],
                                      configs["text_encoder"]["num_hidden_layers"])
 
-    def to_original(self, parts) -> dict[str, torch.Tensor]:
-        """The components as one original single-file state dict."""
+    def to_original(self, parts):
         from .checkpoints import text_state_dict
         from .single_file import diffusers_to_original
 
         return diffusers_to_original(parts.unet.state_dict(), parts.vae.state_dict(), text_state_dict(parts.text_encoder),
                                      parts.unet.config, parts.vae.config, parts.text_kind)
-
-    def __repr__(self) -> str:
-        return f"<family {self.name}: {self.title}>"
 
 
 class _HiddenOnly(torch.nn.Module):
@@ -194,7 +218,7 @@ class SDXLRefiner(SDXL):
         return self.size_ids((height, width), (0, 0), (height, width), score)
 
 
-SD, SDXL_BASE, SDXL_REFINER = Family(), SDXL(), SDXLRefiner()
+SD, SDXL_BASE, SDXL_REFINER = StableDiffusion(), SDXL(), SDXLRefiner()
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL_BASE, SDXL_REFINER)}
 
 

@@ -8,7 +8,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import socket  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -92,3 +94,25 @@ def build_training_world(root: Path, model: str = "model", preset: str = "tiny")
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"p{i}.png")
         (data / f"p{i}.txt").write_text(f"a {TRAIN_WORDS[1 + i % 3]} circle")
     return root
+
+
+def run_all(jobs: dict[str, list[str]], logs: Path, at_once: int = 2, limit_s: float = 900) -> dict[str, int]:
+    """Run the commands `at_once` at a time, in the order given (longest first), each logging to
+    <logs>/<name>.log; their exit codes by name. A command still running after `limit_s` seconds
+    is killed (its code is then negative), so that a hung run fails its test instead of the suite."""
+    pending, running, codes = list(jobs.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < at_once:
+            name, cmd = pending.pop(0)
+            log = open(logs / f"{name}.log", "w")
+            running[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log, time.monotonic())
+        time.sleep(0.5)
+        for name, (proc, log, started) in list(running.items()):
+            if proc.poll() is None and time.monotonic() - started > limit_s:
+                proc.kill()
+                proc.wait()
+            if proc.poll() is not None:
+                log.close()
+                codes[name] = proc.returncode
+                del running[name]
+    return codes

@@ -15,13 +15,12 @@ is the same from run to run (seeded, one thread); the thresholds leave room for 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_all
 from PIL import Image
 
 from worlds import checks, demo
@@ -33,28 +32,6 @@ WORLD = TEST_WORLD.name
 RUNS = ["inpaint", "demo", "controlnet", "full", "dreambooth"]  # longest first, so that the two lanes end together
 
 pytestmark = pytest.mark.slow  # 7 min: `make test PYTEST_ARGS='-m "not slow"'` leaves it out while iterating
-
-
-def run_all(jobs: dict[str, list[str]], logs: Path, at_once: int = 2, limit_s: float = 900) -> dict[str, int]:
-    """Run the commands `at_once` at a time, in the order given (longest first), each logging to
-    <logs>/<name>.log; their exit codes by name. A command still running after `limit_s` seconds
-    is killed (its code is then negative), so that a hung run fails its test instead of the suite."""
-    pending, running, codes = list(jobs.items()), {}, {}
-    while pending or running:
-        while pending and len(running) < at_once:
-            name, cmd = pending.pop(0)
-            log = open(logs / f"{name}.log", "w")
-            running[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log, time.monotonic())
-        time.sleep(0.5)
-        for name, (proc, log, started) in list(running.items()):
-            if proc.poll() is None and time.monotonic() - started > limit_s:
-                proc.kill()
-                proc.wait()
-            if proc.poll() is not None:
-                log.close()
-                codes[name] = proc.returncode
-                del running[name]
-    return codes
 
 
 @pytest.fixture(scope="module")
