@@ -30,7 +30,10 @@ its process tree grows past that anyway.
 Part 3, the prediction (`--predict` alone, or after part 2): GiB per GPU for SD 1.5 at 512 px and
 SDXL at 1024 px, batch 1 per GPU, bf16 mixed precision, gradient checkpointing, the VAE and text
 encoder(s) on the card in float32 as trainers/loop.py keeps them: weights, gradients and optimizer
-state as `state_bytes` counts them, plus part 1's activations. A setup fits a card when it needs
+state as `state_bytes` counts them, plus part 1's activations. Every parameter count is taken from
+the presets (`ldmcore.presets`: SD15, SDXL with its size conditioning, `add_embedding`), the
+models built on the meta device; part 1 measures the same U-Nets, SDXL's called with its
+`added_cond_kwargs`. A setup fits a card when it needs
 at most 90% of it: the rest is for the CUDA context (which max_memory_allocated does not count) and
 fragmentation. A cell "10.9 (12)" reads: 10.9 GiB, fits a 12 GB card and larger.
 
@@ -63,9 +66,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from adapters.lora import LoraSettings, add_lora  # noqa: E402
-from bench.unet_step import MEMORY_ENV, spawn  # noqa: E402
+from bench.unet_step import MEMORY_ENV, spawn, unet_inputs  # noqa: E402
+from ldmcore.checkpoints import _text_model_class  # noqa: E402
+from ldmcore.family import get_family  # noqa: E402
 from ldmcore.presets import get_preset  # noqa: E402
 from ldmcore.unet import UNet  # noqa: E402
+from ldmcore.vae import AutoencoderKL  # noqa: E402
 from trainers.distributed import ZERO_BUFFERS  # noqa: E402
 
 GIB = 2**30
@@ -85,15 +91,6 @@ MAX_LIVE = ZERO_BUFFERS["stage3_max_live_parameters"]  # elements ZeRO-3 may kee
 # bitsandbytes' 8-bit AdamW on a CPU (not its fused CUDA kernel) makes float32 temporaries while it
 # steps a tensor: measured 20 B per element with bitsandbytes 0.50
 BNB_CPU_STEP_BYTES = 20
-
-# SDXL base's U-Net without its size/crop conditioning (not in ldmcore; a 5M-parameter MLP)
-SDXL_UNET = {
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280], "layers_per_block": 2, "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "use_linear_projection": True,
-    "in_channels": 4, "out_channels": 4, "norm_num_groups": 32, "sample_size": 128,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,11 +213,27 @@ def make_arch(unet_config: dict, unet: float, text: float, vae: float) -> Arch:
     return Arch(unet, text, vae, per_rank, largest)
 
 
+def preset_arch(name: str) -> Arch:
+    """The sizes of a preset's models, counted on the meta device: the U-Net (SDXL's with its
+    `add_embedding`), the family's text encoders with the preset's full vocabulary, the VAE."""
+    from transformers import CLIPTextConfig
+
+    preset = get_preset(name)
+    configs = {"text_encoder": preset.text_encoder, "text_encoder_2": preset.text_encoder_2}
+    with torch.device("meta"):
+        unet = UNet.from_config(dict(preset.unet))
+        texts = [_text_model_class(kind)(CLIPTextConfig(**configs[part]))
+                 for part, _, kind in get_family(preset.family).text_parts]
+        vae = AutoencoderKL.from_config(dict(preset.vae))
+
+    def count(*models) -> float:
+        return float(sum(p.numel() for m in models for p in m.parameters()))
+
+    return make_arch(preset.unet, count(unet), count(*texts), count(vae))
+
+
 def predicted_arches() -> dict[str, Arch]:
-    # published parameter counts: SD 1.5's U-Net, CLIP ViT-L/14 text tower, KL VAE; SDXL's U-Net,
-    # its two text encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14), the same VAE
-    return {"sd15": make_arch(get_preset("sd15").unet, 859.5e6, 123.1e6, 83.7e6),
-            "sdxl": make_arch(SDXL_UNET, 2.567e9, 123.1e6 + 694.7e6, 83.7e6)}
+    return {name: preset_arch(name) for name in PREDICTED}
 
 
 # -- workers, one process each ------------------------------------------------------------------------
@@ -229,7 +242,7 @@ def predicted_arches() -> dict[str, Arch]:
 def activations_worker(args) -> dict:
     """Part 1 for one architecture and mode (see the module docstring)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = SDXL_UNET if args.arch == "sdxl" else dict(get_preset(args.arch).unet)
+    config = dict(get_preset(args.arch).unet)
     with torch.device("meta"):
         unet = UNet.from_config(config)
     unet.to(torch.bfloat16).to_empty(device=device)
@@ -247,13 +260,14 @@ def activations_worker(args) -> dict:
     unet.set_gradient_checkpointing(True)
     unet.train()
     g = torch.Generator().manual_seed(0)
-    text = torch.randn(1, 77, config["cross_attention_dim"], generator=g).to(device)  # (1, 77, width)
     t = torch.full((1,), 500, device=device)
 
     def step(side: int) -> None:
+        # encoder_hidden_states (1, 77, width); SDXL: added_cond_kwargs, pooled (1, 1280) and size ids (1, 6)
+        inputs = unet_inputs(args.arch, 1, side, g, device, torch.float32)
         x = torch.randn(1, 4, side // 8, side // 8, generator=g).to(device)  # (1, 4, h, w) noisy latents
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = unet(x, t, text)  # (1, 4, h, w)
+            out = unet(x, t, **inputs)  # (1, 4, h, w)
         torch.nn.functional.mse_loss(out.float(), torch.zeros_like(x)).backward()
 
     rises = []

@@ -1,6 +1,7 @@
 """LoRA training-step cost of ldm-tune against diffusers + peft, and what the latent cache saves.
 
-Part 1, the LoRA step. Two stacks on the same SD U-Net architecture (a preset of ldmcore.presets):
+Part 1, the LoRA step. Two stacks on the same U-Net architecture (a preset of ldmcore.presets, SD
+1.x/2.x or SDXL):
 - ldm-tune: `ldmcore.UNet` with `adapters.add_lora(LoraSettings(rank=R, alpha=R, targets="attention"))`;
 - diffusers: `UNet2DConditionModel` with `unet.add_adapter(peft.LoraConfig(r=R, lora_alpha=R,
   target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian"))`, as
@@ -9,10 +10,13 @@ Both get the same base and LoRA weights (every tensor drawn from a generator see
 LoRA B included, so the adapters change the output from the first step; the LoRA layers are the
 same, checked by their names) and then what trainers/loop.py does: the frozen base in the compute
 dtype (allocated in it, so no float32 copy inflates a CPU peak), the LoRA weights in float32, and
-for bf16 the step under torch.autocast. A step is: forward on fixed noisy latents, timestep 500 and text
-embeddings, MSE loss against a fixed target, backward, AdamW (trainers.optim.make_optimizer with
-the trainer's defaults) on the LoRA weights, zero_grad. The first step's loss and LoRA gradient
-norm of the two stacks are compared, so that both compute the same thing.
+for bf16 the step under torch.autocast. A step is: forward on fixed noisy latents, timestep 500 and the
+conditioning the preset's family builds from a text encoding (bench/unet_step.py's `unet_inputs`:
+random text embeddings; for SDXL also a random pooled embedding and the size ids of an uncropped
+picture, given to both stacks as the same `added_cond_kwargs`), MSE loss against a fixed target,
+backward, AdamW (trainers.optim.make_optimizer with the trainer's defaults) on the LoRA weights,
+zero_grad. The first step's loss and LoRA gradient norm of the two stacks are compared, so that both
+compute the same thing.
 
 Reported per stack and dtype: median step time; peak memory as bench/unet_step.py measures it
 (CUDA: torch's allocator peak over the timed steps, weights included; CPU: the rise of the peak
@@ -24,17 +28,25 @@ where the peak is measured in the same run: the best of N timed square matmuls i
 Targets, ldm-tune / diffusers: time <= 0.8x, memory <= 0.8x.
 
 Part 2, the loop around the step (ldm-tune's stack only), from a cache built first in a temporary
-folder out of synthetic PNGs, with an SD VAE and CLIP text encoder of the preset's architecture and
-random weights (`data_tools.precompute.prepare_cache`):
-- cache: read the batch from `CachedDataset` as trainers/loop.py does, then the LoRA step of
-  `trainers.loop.diffusion_loss` (posterior sample, noise, timesteps, schedule) + backward + AdamW;
-- encode: encode the pictures with the VAE and the captions with the text encoder (both in the
+folder out of synthetic PNGs, with the preset's VAE and text encoder(s) at their real sizes (SDXL:
+CLIP-L and CLIP-bigG, 0.7B parameters; their cost is what the cache saves) with random weights and
+a vocabulary of the caption words (`data_tools.precompute.prepare_cache` with the family's prompt
+encoder, which caches {"hidden", ["pooled"]} per caption):
+- cache: read the batch from `CachedDataset` as trainers/loop.py does (text dict, size ids), then
+  the LoRA step of `trainers.loop.diffusion_loss` (posterior sample, noise, timesteps, schedule,
+  the family's U-Net inputs) + backward + AdamW;
+- encode: encode the pictures with the VAE and the captions with the text encoder(s) (in the
   compute dtype, as diffusers' scripts keep them) every step, then the same LoRA step. The
-  pictures are decoded beforehand: DataLoader workers would hide decoding.
+  pictures are decoded and their size ids read beforehand: DataLoader workers would hide decoding.
 Reported: time per step, the part of it spent getting the batch, and cache / encode.
 
     python bench/train_step.py                       # GPU: SD 1.5, 512 px, batch 1, fp32 and bf16
     python bench/train_step.py --resolution 256 --steps 2 --warmup 1    # CPU (128 px: ~2 min per dtype)
+    python bench/train_step.py --model sdxl --resolution 256 --steps 3 --warmup 1   # CPU, 20 min
+
+--model (or --preset) is any trainable preset of ldmcore.presets. On a CPU the driver first checks
+that the largest worker (the frozen U-Net in the dtype, plus for part 2 the VAE and text encoders in
+float32) fits in the memory the host has available.
 
 It exits non-zero when the two stacks' first steps differ. CPU timings are only a smoke test.
 """
@@ -56,25 +68,27 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from PIL import Image
 from torch.utils import flop_counter as fc
-from transformers import CLIPTextConfig, CLIPTextModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapters.lora import LoraSettings, add_lora  # noqa: E402
-from bench.unet_step import DTYPES, fill_seeded, measure, measure_steps, seeded_model, spawn  # noqa: E402
+from bench.unet_step import (DTYPES, fill_seeded, measure, measure_steps, refuse_beyond_memory,  # noqa: E402
+                              seeded_model, spawn, unet_inputs, unet_params)
 from data_tools.config import DataConfig  # noqa: E402
 from data_tools.dataset import CachedDataset  # noqa: E402
 from data_tools.images import load_rgb, read_bytes  # noqa: E402
 from data_tools.precompute import prepare_cache  # noqa: E402
 from data_tools.records import Manifest  # noqa: E402
 from data_tools.transforms import to_tensor  # noqa: E402
-from ldmcore.checkpoints import Components  # noqa: E402
+from ldmcore.checkpoints import Components, _new_text_encoder, second_tokenizer  # noqa: E402
+from ldmcore.family import get_family  # noqa: E402
 from ldmcore.presets import get_preset  # noqa: E402
 from ldmcore.schedule import NoiseSchedule  # noqa: E402
-from ldmcore.text import PromptEncoder, build_word_tokenizer  # noqa: E402
+from ldmcore.text import build_word_tokenizer  # noqa: E402
 from ldmcore.vae import AutoencoderKL  # noqa: E402
+from trainers.batch import collate, to_device  # noqa: E402
 from trainers.config import Config, TrainConfig  # noqa: E402
-from trainers.loop import collate, diffusion_loss, sample_generators  # noqa: E402
+from trainers.loop import diffusion_loss, sample_generators  # noqa: E402
 from trainers.method import Method  # noqa: E402
 from trainers.optim import make_optimizer  # noqa: E402
 
@@ -131,16 +145,31 @@ def data_config(args):
                       cache={"dir": args.cache, "num_workers": 0})
 
 
-def encoders(preset_name: str, data):
-    """The preset's VAE and a CLIP text encoder of its architecture (vocabulary: the caption words),
-    with random weights from seed 0: the cache builder and the encoding loop get the same ones."""
+def components(preset_name: str, unet=None) -> Components:
+    """The preset's VAE, schedule and text encoder(s) as its family has them (SDXL: CLIP-L and
+    CLIP-bigG, the second tokenizer padding with "!"), at the preset's sizes but with a vocabulary of
+    the caption words, random weights from seed 0: the cache builder and the encoding loop get the
+    same ones. `unet`: the U-Net the loop trains (None to build the cache)."""
     preset = get_preset(preset_name)
+    family = get_family(preset.family)
     tokenizer = build_word_tokenizer(" ".join(CAPTIONS).split())
+    tokenizers = {"tokenizer": tokenizer, "tokenizer_2": second_tokenizer(tokenizer)}
+    configs = {"text_encoder": preset.text_encoder, "text_encoder_2": preset.text_encoder_2}
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(dict(preset.vae)).eval()
-    text = CLIPTextModel(CLIPTextConfig(**{**preset.text_encoder, "vocab_size": len(tokenizer),
-                                           "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}))
-    return vae, PromptEncoder(tokenizer, text.eval(), clip_skip=data.clip_skip, max_windows=data.max_windows)
+    texts = {name: _new_text_encoder(kind, configs[name], tokenizers[tok]) for name, tok, kind in family.text_parts}
+    return Components(unet, vae, texts.get("text_encoder"), tokenizer, NoiseSchedule.from_config(preset.scheduler),
+                      text_kind=preset.text_kind, text_encoder_2=texts.get("text_encoder_2"),
+                      tokenizer_2=tokenizers["tokenizer_2"] if "text_encoder_2" in texts else None, family=family)
+
+
+def host_gib_needed(preset_name: str, dtype: str) -> float:
+    """GiB of the largest worker's weights: part 1's frozen U-Net in `dtype`, or part 2's with the
+    VAE and text encoders beside it in float32 (encoding every step casts them, once, to `dtype`)."""
+    size = torch.empty((), dtype=getattr(torch, DTYPES[dtype])).element_size()
+    with torch.device("meta"):
+        aux = sum(p.numel() for m in components(preset_name).models[1:] for p in m.parameters())
+    return (unet_params(preset_name) * size + 4 * aux) / 2**30
 
 
 # -- workers, one process each -------------------------------------------------------------------------
@@ -155,14 +184,15 @@ def step_worker(args) -> dict:
     side = args.resolution // 8
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, cfg["in_channels"], side, side, generator=g).to(device)  # (b, 4, h, w)
-    text = torch.randn(args.batch, 77, cfg["cross_attention_dim"], generator=g).to(device)  # (b, 77, width)
+    # encoder_hidden_states (b, 77, width); SDXL: added_cond_kwargs {"text_embeds": (b, 1280), "time_ids": (b, 6)}
+    inputs = unet_inputs(args.preset, args.batch, args.resolution, g, device, torch.float32)
     target = torch.randn(x.shape, generator=g).to(device)
     t = torch.full((args.batch,), 500, device=device)
     first = {}
 
     def step():
         with precision(device, dtype):
-            out = unet(x, t, text)
+            out = unet(x, t, **inputs)
             out = out if isinstance(out, torch.Tensor) else out.sample
             loss = F.mse_loss(out.float(), target)
         loss.backward()
@@ -201,8 +231,8 @@ def peak_worker(args) -> dict:
 def cache_worker(args) -> dict:
     """Part 2, first: the cache of the synthetic pictures, as `python -m data_tools precompute` builds it."""
     data = data_config(args)
-    vae, prompt_encoder = encoders(args.preset, data)
-    _, report = prepare_cache(data, vae, prompt_encoder, progress=False)
+    parts = components(args.preset)
+    _, report = prepare_cache(data, parts.vae, parts.prompt_encoder(data.clip_skip, data.max_windows), progress=False)
     return {"images": report.images_encoded, "seconds": report.seconds}
 
 
@@ -214,20 +244,20 @@ def loop_worker(args) -> dict:
     config = Config(method="lora", model={"path": "(random weights)"}, data=data, output_dir=args.cache,
                     train={"max_steps": 1, "batch_size": args.batch})
     unet, _, lora = lora_unet("ldmcore", args, dtype, device)
-    vae, prompt_encoder = encoders(args.preset, data)
-    parts = Components(unet, vae, prompt_encoder.text_encoder, prompt_encoder.tokenizer,
-                       NoiseSchedule.from_config(get_preset(args.preset).scheduler))
+    parts = components(args.preset, unet)
     method = Method(config, parts)  # LoraMethod changes nothing of the step; LoRA is in place already
     opt = optimizer([p for _, p in lora])
     dataset = CachedDataset(args.cache)
-    empty_text = dataset.empty_text().float().to(device)
+    empty_text = parts.family.empty_text(to_device(dataset.empty_text(), device))  # as trainers/loop.py
     encode = args.worker == "loop-encode"
     if encode:
-        vae.to(device, dtype)
-        prompt_encoder.text_encoder.to(device, dtype)
+        vae, prompt_encoder = parts.vae, parts.prompt_encoder(data.clip_skip, data.max_windows)
+        for model in (vae, *parts.text_encoders.values()):
+            model.to(device, dtype)
         manifest = Manifest.load(Path(args.cache) / "scan_report.json")
         records = [manifest.records[item.record] for item in dataset.plan.items]
         pictures = [to_tensor(load_rgb(read_bytes(r.source))) for r in records]  # (3, H, W) each, decoded once
+        sizes = torch.stack([dataset[i]["size"] for i in range(len(dataset))])  # (n, 6) each picture's size ids
     counter = itertools.count()
 
     def step() -> float:
@@ -237,11 +267,11 @@ def loop_worker(args) -> dict:
         if encode:
             with torch.no_grad():
                 post = vae.encode(torch.stack([pictures[i] for i in idx]).to(device, dtype))  # (b, 4, h, w)
-                text = prompt_encoder([records[i].captions[0] for i in idx])  # (b, 77, width)
-            batch = {"mean": post.mean.float(), "std": post.std.float(), "text": text.float()}
+                text = prompt_encoder([records[i].captions[0] for i in idx])  # {"hidden": (b, 77, width), ["pooled"]}
+            batch = {"mean": post.mean.float(), "std": post.std.float(), "size": sizes[idx].to(device),
+                     "text": {k: v.float() for k, v in text.items()}}
         else:  # as trainers/loop.py reads a batch
-            batch = {key: (v.to(device, torch.float32) if v.is_floating_point() else v.to(device))
-                     if torch.is_tensor(v) else v for key, v in collate([dataset[i] for i in idx]).items()}
+            batch = to_device(collate([dataset[i] for i in idx]), device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         data_s = time.perf_counter() - start
@@ -273,7 +303,8 @@ def make_pictures(folder: Path, side: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="sd15")
+    p.add_argument("--model", "--preset", dest="preset", default="sd15",
+                   help="a preset of ldmcore.presets (sd15, sdxl, ...)")
     p.add_argument("--resolution", type=int, default=512, help="picture side in pixels, for both parts")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtypes", default="fp32,bf16")
@@ -299,12 +330,18 @@ def main() -> None:
         raise SystemExit(f"--dtypes {args.dtypes} --resolution {args.resolution}: dtypes are fp32 and bf16 (fp16 "
                          "would need a gradient scaler, which this benchmark does not model); the side a multiple of 64")
 
+    if args.device == "cpu":  # one worker at a time
+        for d in dtypes:
+            refuse_beyond_memory(host_gib_needed(args.preset, d), f"{args.preset} in {d}",
+                                 "choose --dtypes bf16 or a smaller model")
+
     common = ["--preset", args.preset, "--resolution", str(args.resolution), "--batch", str(args.batch),
               "--rank", str(args.rank), "--device", args.device]
     mm = ["--matmul-size", str(args.matmul_size)]
     peaks = {d: spawn(__file__, ["--worker", "peak", "--dtype", d, *common, *mm], f"peak {d}") for d in dtypes}
-    print(f"LoRA training step (rank {args.rank}, attention): {args.preset}, {args.resolution} px, batch {args.batch}, "
-          f"{peaks[dtypes[0]]['device']}")
+    print(f"LoRA training step (rank {args.rank}, attention): {args.preset} ({unet_params(args.preset) / 1e6:.0f}M "
+          f"U-Net parameters), {args.resolution} px ({args.resolution // 8}x{args.resolution // 8} latents), "
+          f"batch {args.batch}, {peaks[dtypes[0]]['device']}")
     print(f"{'dtype':6} {'stack':10} {'step ms':>9} {'peak MiB':>9} {'GFLOP':>8} {'MFU':>7} {'first loss':>12} {'grad norm':>11}")
     for d in dtypes:
         print(f"{d:6} matmul peak {peaks[d]['flops_per_s'] / 1e12:.3f} TFLOP/s "
