@@ -296,23 +296,8 @@ TINY_SDXL_REFINER = Preset(  # for tests: the second encoder only
 )
 
 TEST_WORLD_SDXL = Preset(  # the test suite's SDXL-shaped world (worlds.world.TEST_WORLD_SDXL): trained from nothing
-    unet={
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],  # SDXL: level 0 plain
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "block_out_channels": [32, 64, 64],
-        "layers_per_block": 1,
-        "transformer_layers_per_block": [1, 1, 1],
-        "attention_head_dim": [2, 4, 4],
-        "use_linear_projection": True,
-        "cross_attention_dim": 32 + 48,
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": 8,
-        "projection_class_embeddings_input_dim": 48 + 6 * 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "norm_num_groups": 8,
-        "sample_size": 8,
-    },
+    # tiny-sdxl's layout with one resnet per level and one transformer layer everywhere: a few minutes to train
+    unet={**_TINY_SDXL_UNET, "layers_per_block": 1, "transformer_layers_per_block": [1, 1, 1]},
     vae={**TEST_WORLD.vae, "scaling_factor": 0.13025},  # the VAE method measures its own factor
     text_encoder={**TEST_WORLD.text_encoder, "num_hidden_layers": 3},
     text_encoder_2={**TEST_WORLD.text_encoder, "num_hidden_layers": 3, "hidden_size": 48, "intermediate_size": 96,
