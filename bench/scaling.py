@@ -221,7 +221,7 @@ def preset_arch(name: str) -> Arch:
     preset = get_preset(name)
     configs = {"text_encoder": preset.text_encoder, "text_encoder_2": preset.text_encoder_2}
     with torch.device("meta"):
-        unet = UNet.from_config(dict(preset.unet))
+        unet = UNet.from_config(dict(preset.denoiser))
         texts = [_text_model_class(kind)(CLIPTextConfig(**configs[part]))
                  for part, _, kind in get_family(preset.family).text_parts]
         vae = AutoencoderKL.from_config(dict(preset.vae))
@@ -229,7 +229,7 @@ def preset_arch(name: str) -> Arch:
     def count(*models) -> float:
         return float(sum(p.numel() for m in models for p in m.parameters()))
 
-    return make_arch(preset.unet, count(unet), count(*texts), count(vae))
+    return make_arch(preset.denoiser, count(unet), count(*texts), count(vae))
 
 
 def predicted_arches() -> dict[str, Arch]:
@@ -242,7 +242,7 @@ def predicted_arches() -> dict[str, Arch]:
 def activations_worker(args) -> dict:
     """Part 1 for one architecture and mode (see the module docstring)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = dict(get_preset(args.arch).unet)
+    config = dict(get_preset(args.arch).denoiser)
     with torch.device("meta"):
         unet = UNet.from_config(config)
     unet.to(torch.bfloat16).to_empty(device=device)
@@ -360,7 +360,7 @@ def measure_model(model: str, args, acts: dict, timings: dict) -> list[dict]:
         pictures = max(8, args.batch_size * max(args.processes))
         counts = spawn(__file__, ["--worker", "world", "--arch", model, "--folder", tmp, "--pictures", str(pictures),
                                   "--resolution", str(side)], f"building {model}", _env())
-        arch = make_arch(get_preset(model).unet, counts["unet"], counts["text_encoder"], counts["vae"])
+        arch = make_arch(get_preset(model).denoiser, counts["unet"], counts["text_encoder"], counts["vae"])
         timings[f"{model}: build the model folder"] = time.perf_counter() - start
         print(f"\n{model}: {counts['unet'] / 1e6:.1f}M U-Net parameters, {side} px, batch {args.batch_size} per "
               f"process, {args.steps} steps; model folder built in {timings[f'{model}: build the model folder']:.0f} s")

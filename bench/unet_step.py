@@ -71,7 +71,7 @@ def seeded_model(impl: str, preset: str, device, dtype=None):
 
     from ldmcore.presets import get_preset
 
-    cfg = dict(get_preset(preset).unet)
+    cfg = dict(get_preset(preset).denoiser)
     with torch.device("meta"):
         if impl == "ldmcore":
             from ldmcore.unet import UNet
@@ -100,7 +100,7 @@ def unet_inputs(preset: str, batch: int, resolution: int, generator, device, dty
 
     p = get_preset(preset)
     family = get_family(p.family)
-    text = {"hidden": torch.randn(batch, 77, p.unet["cross_attention_dim"], generator=generator)}  # (b, 77, width)
+    text = {"hidden": torch.randn(batch, 77, p.denoiser["cross_attention_dim"], generator=generator)}  # (b, 77, width)
     ids = family.generation_ids(resolution, resolution)  # SDXL: (6,) original size, crop, target size; SD: None
     if ids is not None:
         text["pooled"] = torch.randn(batch, p.text_encoder_2["projection_dim"], generator=generator)  # (b, 1280)
@@ -116,7 +116,7 @@ def unet_params(preset: str) -> int:
     from ldmcore.unet import UNet
 
     with torch.device("meta"):
-        return sum(p.numel() for p in UNet.from_config(dict(get_preset(preset).unet)).parameters())
+        return sum(p.numel() for p in UNet.from_config(dict(get_preset(preset).denoiser)).parameters())
 
 
 def mem_available_gib() -> float:

@@ -128,27 +128,22 @@ def add_precompute(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_precompute(args: argparse.Namespace) -> int:
-    import torch
     from pydantic import ConfigDict
 
-    from data_tools.config import DataConfig
+    from data_tools.config import DataConfig, ModelConfig
     from data_tools.precompute import cache_dir_for, prepare_cache, process_state
     from data_tools.schema import ConfigError, Strict, load_config
-    from ldmcore.checkpoints import load_components
     from ldmcore.weights import CheckpointError
-
-    class Model(Strict):
-        path: str
 
     class PrecomputeConfig(Strict):
         model_config = ConfigDict(extra="ignore")  # the other sections of a training config
-        model: Model
+        model: ModelConfig
         data: DataConfig
 
     try:
         cfg = load_config(PrecomputeConfig, args.config, args.overrides)
         state = process_state()
-        parts = load_components(cfg.model.path, dtype=torch.float32, device=state.device)
+        parts = cfg.model.load(device=state.device)
         plan, report = prepare_cache(cfg.data, parts.vae, parts.prompt_encoder(cfg.data.clip_skip, cfg.data.max_windows),
                                      progress=not args.no_progress)
     except (ConfigError, CheckpointError, ValueError) as e:

@@ -71,8 +71,8 @@ def ensure_class_images(
     seed: int = 0,
     batch_size: int = 4,
     steps: int = 30,
-    guidance_scale: float = 7.5,
-    sampler: str = "dpmpp_2m",
+    guidance_scale: float | None = None,
+    sampler: str | None = None,
     progress: bool = True,
 ) -> list[Path]:
     """Generate images of `class_prompt` until `folder` holds `count` readable images; return

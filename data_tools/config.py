@@ -1,4 +1,4 @@
-"""The `data` section of a config, as the precompute command and the trainers read it."""
+"""The `model` and `data` sections of a config, as the precompute command and the trainers read them."""
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -6,6 +6,24 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from .schema import Strict
+
+
+class ModelConfig(Strict):
+    path: str  # a diffusers folder or an original single file (.safetensors / .ckpt)
+    tokenizer: Optional[str] = None  # single files carry none: a tokenizer/ folder of any SD 1.x/2.x model
+    prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = None  # override the checkpoint's
+    # a diffusers model folder for a single file: its configs describe the file (SD/SDXL of another shape), and
+    # for a Flux transformer file it supplies the VAE, text encoders, tokenizers and scheduler that ship apart
+    config: Optional[str] = None
+
+    def load(self, dtype=None, device="cpu"):
+        """The model's Components, float32 by default."""
+        import torch
+
+        from ldmcore.checkpoints import load_components
+
+        return load_components(self.path, dtype=dtype or torch.float32, device=device, tokenizer=self.tokenizer,
+                               prediction_type=self.prediction_type, config=self.config)
 
 
 class CacheConfig(Strict):

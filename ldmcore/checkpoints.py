@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from .family import SD, SDXL_BASE, Family, family_of_pipeline, get_family
+from .flow import FlowMatchSchedule
 from .presets import SD15, SD21, Preset, get_preset
 from .schedule import NoiseSchedule
-from .single_file import TEXT_PREFIXES, detect_family, diffusers_to_original, original_to_diffusers
-from .unet import UNet
+from .single_file import TEXT_PREFIXES, detect_family
 from .vae import AutoencoderKL
 from .weights import CheckpointError, read_state_dict
 
@@ -31,22 +31,29 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 METADATA_KEY = "ldm_tune.components"  # JSON of the component configs in single files we write
 TEXT_PREFIX = "text_model."  # the layout transformers 4.x writes and 5.x still reads
 PROJECTION = "text_projection."  # CLIPTextModelWithProjection's projection, beside text_model
-ALL_TEXT_PARTS = (("text_encoder", "tokenizer", "CLIPTextModel"),
-                  ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"))
+ALL_TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+# transformers text model class -> (its config class, its tokenizer class)
+TEXT_CLASSES = {
+    "CLIPTextModel": ("CLIPTextConfig", "CLIPTokenizer"),
+    "CLIPTextModelWithProjection": ("CLIPTextConfig", "CLIPTokenizer"),
+    "T5EncoderModel": ("T5Config", "T5TokenizerFast"),
+}
 
 
 @dataclasses.dataclass
 class Components:
-    """The parts of a latent diffusion model, loaded and ready. Which text encoders there are is the
-    family's (`family.text_parts`): SD 1.x/2.x one, SDXL two, the SDXL refiner only the second."""
+    """The parts of a latent diffusion model, loaded and ready. The denoiser is the family's (a U-Net,
+    Flux's transformer), and so are the objective (`schedule`) and the text encoders
+    (`family.text_parts`): SD 1.x/2.x one, SDXL two, the SDXL refiner only the second, Flux CLIP-L and T5."""
 
-    unet: UNet
+    denoiser: torch.nn.Module  # ldmcore.unet.UNet or ldmcore.flux.FluxTransformer
     vae: AutoencoderKL
     text_encoder: torch.nn.Module | None  # transformers.CLIPTextModel (None for the SDXL refiner)
     tokenizer: Any  # transformers.CLIPTokenizer
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule | FlowMatchSchedule
     text_kind: str = "clip"  # SD 1.x/2.x single files: how the text encoder is written, "clip" or "openclip"
-    text_encoder_2: torch.nn.Module | None = None  # SDXL: transformers.CLIPTextModelWithProjection (CLIP-bigG)
+    # SDXL: transformers.CLIPTextModelWithProjection (CLIP-bigG); Flux: transformers.T5EncoderModel
+    text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: Any = None
     family: Family = SD
 
@@ -54,24 +61,29 @@ class Components:
     def from_preset(cls, preset: str | Preset, tokenizer, seed: int = 0, tokenizer_2=None) -> Components:
         """Freshly initialised components of a family (weights random, as for training from scratch).
         Text encoders' vocabularies are sized to their tokenizers; SDXL's second tokenizer defaults to
-        the first one padding with "!", as SDXL's does."""
+        the first one padding with "!", as SDXL's does, Flux's T5 tokenizer to one knowing the first's words."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         family = get_family(preset.family)
         torch.manual_seed(seed)
-        if tokenizer_2 is None and any(part[1] == "tokenizer_2" for part in family.text_parts):
+        kinds = {tok: kind for _, tok, kind in family.text_parts}
+        if tokenizer_2 is None and kinds.get("tokenizer_2") == "T5EncoderModel":
+            from .text_flux import t5_tokenizer_like
+
+            tokenizer_2 = t5_tokenizer_like(tokenizer)
+        elif tokenizer_2 is None and "tokenizer_2" in kinds:
             tokenizer_2 = second_tokenizer(tokenizer)
         tokenizers = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
         configs = {"text_encoder": preset.text_encoder, "text_encoder_2": preset.text_encoder_2}
-        # drawn in this order (U-Net, VAE, text encoders) so that a seed gives the weights it always gave
-        unet = UNet.from_config(dict(preset.unet)).eval()
+        # drawn in this order (denoiser, VAE, text encoders) so that a seed gives the weights it always gave
+        denoiser = family.denoiser_class().from_config(dict(preset.denoiser)).eval()
         vae = AutoencoderKL.from_config(dict(preset.vae)).eval()
         encoders = {name: _new_text_encoder(kind, configs[name], tokenizers[tok]) for name, tok, kind in family.text_parts}
         return cls(
-            unet=unet,
+            denoiser=denoiser,
             vae=vae,
             text_encoder=encoders.get("text_encoder"),
             tokenizer=tokenizers["tokenizer"] if "text_encoder" in encoders else None,
-            schedule=NoiseSchedule.from_config(preset.scheduler),
+            schedule=family.schedule_class().from_config(preset.scheduler),
             text_kind=preset.text_kind,
             text_encoder_2=encoders.get("text_encoder_2"),
             tokenizer_2=tokenizer_2,
@@ -89,7 +101,7 @@ class Components:
 
     @property
     def models(self) -> list[torch.nn.Module]:
-        return [self.unet, self.vae, *self.text_encoders.values()]
+        return [self.denoiser, self.vae, *self.text_encoders.values()]
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Components:
         for model in self.models:
@@ -107,7 +119,7 @@ class Components:
         folder = Path(folder)
         family = self.family
         with _atomic_dir(folder) as tmp:
-            self.unet.save_pretrained(tmp / "unet")
+            self.denoiser.save_pretrained(tmp / family.denoiser_name)
             self.vae.save_pretrained(tmp / "vae")
             for name, tok, _ in family.text_parts:
                 _save_text_encoder(getattr(self, name), tmp / name)
@@ -115,21 +127,22 @@ class Components:
             (tmp / "scheduler").mkdir()
             sched = {"_class_name": family.scheduler_class, **self.schedule.to_config()}
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
-            inpainting = self.unet.config.in_channels == 9
+            inpainting = getattr(self.denoiser.config, "in_channels", 4) == 9
             index = {
                 "_class_name": family.inpaint_pipeline_class if inpainting else family.pipeline_class,
                 # diffusers reads inpainting folders of version <= 0.5.1 as its legacy pipeline; the
                 # layout written here is the current one
                 "_diffusers_version": "0.30.0",
-                "unet": ["diffusers", "UNet2DConditionModel"],
+                family.denoiser_name: ["diffusers", self.denoiser.config._class_name],
                 "vae": ["diffusers", "AutoencoderKL"],
                 "scheduler": ["diffusers", family.scheduler_class],
             }
-            for name, tok, kind in ALL_TEXT_PARTS:
-                used = any(part[0] == name for part in family.text_parts)
-                if used or family is not SD:  # SD folders name only their one text encoder
-                    index[name] = ["transformers", kind] if used else [None, None]
-                    index[tok] = ["transformers", "CLIPTokenizer"] if used else [None, None]
+            kinds = {name: kind for name, _, kind in family.text_parts}
+            for name, tok in ALL_TEXT_PARTS:
+                kind = kinds.get(name)
+                if kind or family is not SD:  # SD folders name only their one text encoder
+                    index[name] = ["transformers", kind] if kind else [None, None]
+                    index[tok] = ["transformers", TEXT_CLASSES[kind][1]] if kind else [None, None]
             if family is SD:
                 index |= {"safety_checker": [None, None], "feature_extractor": [None, None],
                           "requires_safety_checker": False}
@@ -144,13 +157,15 @@ class Components:
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: single files are written as .safetensors only")
-        state = self.family.to_original(self)
+        family = self.family
+        state = family.to_original(self)
         state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
         meta = {
-            "family": self.family.name,
-            "unet": self.unet.config.to_dict(),
-            "vae": self.vae.config.to_dict(),
-            **{name: _text_config_dict(model) for name, model in self.text_encoders.items()},
+            "family": family.name,
+            family.denoiser_name: self.denoiser.config.to_dict(),
+            **({} if family.single_file_denoiser_only else {
+                "vae": self.vae.config.to_dict(),
+                **{name: _text_config_dict(model) for name, model in self.text_encoders.items()}}),
             "scheduler": self.schedule.to_config(),
             "text_kind": self.text_kind,
         }
@@ -193,13 +208,16 @@ def load_components(
     return parts
 
 
-def _load_folder(folder: Path, dtype, device) -> Components:
-    from transformers import CLIPTokenizer
-
+def _load_folder(folder: Path, dtype, device, skip_denoiser: bool = False) -> Components:
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    family = family_of_pipeline(index) if index else (SDXL_BASE if (folder / "text_encoder_2").is_dir() else SD)
-    needed = ["unet", "vae", *(name for part in family.text_parts for name in part[:2])]
+    if index:
+        flux_config = folder / "transformer" / "config.json"
+        family = family_of_pipeline(index, json.loads(flux_config.read_text()) if flux_config.is_file() else None)
+    else:
+        family = SDXL_BASE if (folder / "text_encoder_2").is_dir() else SD
+    needed = [*([] if skip_denoiser else [family.denoiser_name]), "vae",
+              *(name for part in family.text_parts for name in part[:2])]
     missing = [name for name in needed if not (folder / name).is_dir()]
     if missing:
         hint = ""
@@ -209,31 +227,40 @@ def _load_folder(folder: Path, dtype, device) -> Components:
             hint = f"; this is {kind} folder: point to the model folder above it, which holds {', '.join(needed)}"
         raise CheckpointError(f"{folder}: missing {', '.join(m + '/' for m in missing)} for {family.title}{hint}")
     sched_file = folder / "scheduler" / "scheduler_config.json"
+    schedule_class = family.schedule_class()
     if sched_file.is_file():
-        schedule = NoiseSchedule.from_config(json.loads(sched_file.read_text()), source=str(sched_file))
-    else:
+        schedule = schedule_class.from_config(json.loads(sched_file.read_text()), source=str(sched_file))
+    elif family is SD:
         log.warning("%s: no scheduler/scheduler_config.json; using the SD 1.x noise schedule", folder)
         schedule = NoiseSchedule.from_config(SD15.scheduler)
-    unet = UNet.from_pretrained(folder / "unet", dtype, device)
+    else:
+        raise CheckpointError(f"{folder}: no scheduler/scheduler_config.json, which {family.title} needs")
+    denoiser = None if skip_denoiser else family.denoiser_class().from_pretrained(folder / family.denoiser_name, dtype,
+                                                                                 device)
     vae = AutoencoderKL.from_pretrained(folder / "vae", dtype, device)
     te_kwargs = {"dtype": dtype} if dtype is not None else {}
     parts: dict[str, Any] = {}
     for name, tok, kind in family.text_parts:
         try:
             parts[name] = _text_model_class(kind).from_pretrained(folder / name, **te_kwargs).to(device).eval()
-            parts[tok] = CLIPTokenizer.from_pretrained(folder / tok)
+            parts[tok] = _tokenizer_class(kind).from_pretrained(folder / tok)
         except (OSError, ValueError) as e:  # transformers' errors for missing or unreadable files
             raise CheckpointError(f"{folder}: could not load {name}/ or {tok}/: {e}") from e
     text_kind = "clip"
     if family is SD and parts["text_encoder"].config.hidden_size == SD21.text_encoder["hidden_size"]:
         text_kind = "openclip"
-    return Components(unet=unet, vae=vae, text_encoder=parts.get("text_encoder"), tokenizer=parts.get("tokenizer"),
-                      schedule=schedule, text_kind=text_kind, text_encoder_2=parts.get("text_encoder_2"),
-                      tokenizer_2=parts.get("tokenizer_2"), family=family)
+    return Components(denoiser=denoiser, vae=vae, text_encoder=parts.get("text_encoder"),
+                      tokenizer=parts.get("tokenizer"), schedule=schedule, text_kind=text_kind,
+                      text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"), family=family)
 
 
 def _load_single_file(path: Path, dtype, device, tokenizer, prediction_type, config) -> Components:
     state = read_state_dict(path)
+    from .single_file_flux import detect_flux
+
+    flux = detect_flux(state)
+    if flux is not None:
+        return _load_flux_file(path, state, flux, dtype, device, config)
     if config is not None:
         configs = _configs_from_folder(Path(config), state)
     else:
@@ -243,23 +270,69 @@ def _load_single_file(path: Path, dtype, device, tokenizer, prediction_type, con
         weights = family.from_original(state, configs)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    unet = _build(UNet, configs["unet"], weights["unet"], f"{path} (U-Net)", dtype, device)
+    key = family.denoiser_name
+    denoiser = _build(family.denoiser_class(), configs[key], weights[key], f"{path} ({key})", dtype, device)
     vae = _build(AutoencoderKL, configs["vae"], weights["vae"], f"{path} (VAE)", dtype, device)
     parts: dict[str, Any] = {}
     for name, tok, kind in family.text_parts:
         parts[name] = _build_text_encoder(kind, configs[name], weights[name], f"{path} ({name})", dtype, device)
         parts[tok] = _find_tokenizer(path, tokenizer, tok, second=tok == "tokenizer_2")
     return Components(
-        unet=unet,
+        denoiser=denoiser,
         vae=vae,
         text_encoder=parts.get("text_encoder"),
         tokenizer=parts.get("tokenizer"),
-        schedule=NoiseSchedule.from_config(configs["scheduler"]),
+        schedule=family.schedule_class().from_config(configs["scheduler"]),
         text_kind=configs.get("text_kind", "clip"),
         text_encoder_2=parts.get("text_encoder_2"),
         tokenizer_2=parts.get("tokenizer_2"),
         family=family,
     )
+
+
+def _load_flux_file(path: Path, state: dict, found: dict, dtype, device, config) -> Components:
+    """A Flux.1 transformer file (Black Forest Labs' layout, or a ComfyUI checkpoint's model part): the
+    VAE, text encoders, tokenizers and scheduler come from a diffusers Flux folder (`config`)."""
+    from .family import FLUX_DEV, FLUX_SCHNELL
+    from .single_file_flux import config_from_original
+
+    family = FLUX_DEV if found["guidance_embeds"] else FLUX_SCHNELL
+    if config is None:
+        raise CheckpointError(
+            f"{path}: a {family.title} transformer file holds no VAE, text encoders or tokenizers; they ship "
+            "separately. Pass config=FOLDER (model.config in a training config): a diffusers Flux folder holding "
+            "vae/, text_encoder/ (CLIP-L), text_encoder_2/ (T5-XXL), tokenizer/, tokenizer_2/ and scheduler/ "
+            f"(for example a download of black-forest-labs/{family.title.replace('Flux.1', 'FLUX.1')}); its "
+            "transformer/ is not read"
+        )
+    folder = Path(config)
+    rest = _load_folder(folder, dtype, device, skip_denoiser=True)
+    if rest.family not in (FLUX_DEV, FLUX_SCHNELL):
+        raise CheckpointError(f"config={folder}: a {rest.family.title} folder; a Flux transformer file needs a Flux "
+                              "folder's VAE, text encoders and scheduler")
+    folder_config = folder / "transformer" / "config.json"
+    folder_transformer = json.loads(folder_config.read_text()) if folder_config.is_file() else {}
+    # dev embeds the guidance and shifts its sigmas by resolution; schnell does neither
+    folder_dev = folder_transformer.get("guidance_embeds", rest.schedule.use_dynamic_shifting)
+    if folder_dev != found["guidance_embeds"]:
+        other = FLUX_DEV if folder_dev else FLUX_SCHNELL
+        raise CheckpointError(
+            f"{path}: {family.title} weights ({'with' if found['guidance_embeds'] else 'without'} a guidance "
+            f"embedding) with {other.title}'s settings (config={folder}: "
+            f"{'its transformer config' if folder_transformer else 'its scheduler'} is {other.title}'s). "
+            f"Pass a {family.title} folder as config"
+        )
+    axes = folder_transformer.get("axes_dims_rope")
+    meta = _configs_from_metadata(path) or {}
+    transformer_config = meta.get(family.denoiser_name) or config_from_original(state, axes_dims_rope=axes)
+    try:
+        weights = family.from_original(state, {family.denoiser_name: transformer_config})
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    key = family.denoiser_name
+    rest.denoiser = _build(family.denoiser_class(), transformer_config, weights[key], f"{path} ({key})", dtype, device)
+    rest.family = family
+    return rest
 
 
 def _configs_from_metadata(path: Path) -> dict[str, Any] | None:
@@ -290,7 +363,7 @@ def _configs_for_foreign_file(path: Path, state: dict[str, torch.Tensor], predic
     family = get_family(preset.family)
     configs = {
         "family": family.name,
-        "unet": {**preset.unet, "in_channels": found["in_channels"]},
+        "unet": {**preset.denoiser, "in_channels": found["in_channels"]},
         "vae": preset.vae,
         "scheduler": preset.scheduler,
         "text_kind": found.get("text_kind") or preset.text_kind,
@@ -355,23 +428,33 @@ def _build(cls, config: dict, state: dict, source: str, dtype, device):
 def _text_model_class(kind: str):
     import transformers
 
-    return getattr(transformers, kind)  # "CLIPTextModel" or "CLIPTextModelWithProjection", from family.text_parts
+    return getattr(transformers, kind)  # a transformers text model class named in family.text_parts
+
+
+def _tokenizer_class(kind: str):
+    import transformers
+
+    return getattr(transformers, TEXT_CLASSES[kind][1])
+
+
+def _text_config(kind: str, config: dict):
+    import transformers
+
+    return getattr(transformers, TEXT_CLASSES[kind][0])(**config)
 
 
 def _new_text_encoder(kind: str, config: dict, tokenizer) -> torch.nn.Module:
     """A freshly initialised text encoder whose vocabulary and special tokens are the tokenizer's."""
-    from transformers import CLIPTextConfig
-
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    return _text_model_class(kind)(CLIPTextConfig(**{**config, "vocab_size": len(tokenizer), **special})).eval()
+    special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if TEXT_CLASSES[kind][1] == "CLIPTokenizer":
+        special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    return _text_model_class(kind)(_text_config(kind, {**config, "vocab_size": len(tokenizer), **special})).eval()
 
 
 def _build_text_encoder(kind: str, config: dict, state: dict, source: str, dtype, device):
-    from transformers import CLIPTextConfig
-
     from .weights import load_strict
 
-    model = _text_model_class(kind)(CLIPTextConfig(**config))
+    model = _text_model_class(kind)(_text_config(kind, config))
     load_strict(model, _fit_text_keys(state, model), source)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -390,6 +473,10 @@ def _fit_text_keys(state: dict[str, torch.Tensor], model: torch.nn.Module) -> di
     # position_ids is a buffer in some transformers versions and absent in others
     own = model.state_dict()
     return {k: v for k, v in out.items() if k in own or not k.endswith("position_ids")}
+
+
+def _is_clip(model: torch.nn.Module) -> bool:
+    return getattr(model.config, "model_type", "").startswith("clip")
 
 
 def text_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -412,6 +499,9 @@ def _text_config_dict(model: torch.nn.Module) -> dict[str, Any]:
 def _save_text_encoder(model: torch.nn.Module, folder: Path) -> None:
     from safetensors.torch import save_file
 
+    if not _is_clip(model):  # T5: transformers' own layout, which writes its tied embedding once
+        model.save_pretrained(str(folder))
+        return
     folder.mkdir(parents=True)
     model.config.to_json_file(str(folder / "config.json"))
     state = {k: v.detach().contiguous().cpu() for k, v in text_state_dict(model).items()}
@@ -423,8 +513,8 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
     CLIPTokenizer of older transformers needs."""
     tokenizer.save_pretrained(str(folder))
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not (folder / "vocab.json").exists():
-        model = json.loads(backend.to_str())["model"]
+    model = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if model.get("type") == "BPE" and not (folder / "vocab.json").exists():
         (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
         merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")

@@ -270,7 +270,7 @@ def generate_controlled(
     width = generate_kwargs.pop("width", None) or images[0].width // factor * factor
     height = generate_kwargs.pop("height", None) or images[0].height // factor * factor
     cond = control_images_to_tensor(images, width, height).to(controlnet.device, controlnet.dtype)  # (n, 3, H, W)
-    unet_dtype = components.unet.dtype
+    unet_dtype = components.denoiser.dtype
 
     def residuals(x_t, t, inputs):
         # inputs: the U-Net call's conditioning (encoder_hidden_states, SDXL's added_cond_kwargs), which the

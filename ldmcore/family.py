@@ -46,6 +46,32 @@ class Family:
     zero_empty_prompt: ClassVar[bool] = False
     #: whether the training methods take this family's models as a base
     trainable: ClassVar[bool] = True
+    #: the denoiser's diffusers component: its folder and model_index.json entry
+    denoiser_name: ClassVar[str] = "unet"
+    #: pixel sides must be multiples of the VAE's factor times this (Flux packs 2x2 latent patches)
+    latent_multiple: ClassVar[int] = 1
+    #: whether the original single file holds the denoiser alone (Flux: the VAE and text encoders ship apart)
+    single_file_denoiser_only: ClassVar[bool] = False
+    #: the guidance scale generation uses when none is asked (diffusers' pipelines' defaults)
+    default_guidance_scale: ClassVar[float] = 7.5
+
+    # -- the models ------------------------------------------------------------------------------
+
+    def denoiser_class(self) -> type:
+        """The ldmcore class of the denoiser (built from its diffusers config)."""
+        from .unet import UNet
+
+        return UNet
+
+    def schedule_class(self) -> type:
+        """The objective: NoiseSchedule (discrete DDPM) or FlowMatchSchedule, read from scheduler_config.json."""
+        from .schedule import NoiseSchedule
+
+        return NoiseSchedule
+
+    def default_latent_side(self, denoiser_config) -> int:
+        """The latent side generation uses when no size is asked."""
+        return denoiser_config.sample_size
 
     # -- text ------------------------------------------------------------------------------------
 
@@ -70,10 +96,17 @@ class Family:
 
     # -- the denoiser call -----------------------------------------------------------------------
 
-    def denoiser_inputs(self, text: TextConditioning, ids: torch.Tensor | None = None) -> dict[str, Any]:
-        """The U-Net's keyword inputs beyond (sample, timestep). `ids`: (b, n) from `size_ids`, or in
-        training the cache's per-picture (original h, w, crop top, left, target h, w)."""
+    def denoiser_inputs(self, text: TextConditioning, ids: torch.Tensor | None = None,
+                        guidance: float | None = None) -> dict[str, Any]:
+        """The denoiser's keyword inputs beyond (sample, timestep). `ids`: (b, n) from `size_ids`, or in
+        training the cache's per-picture (original h, w, crop top, left, target h, w). `guidance`: the
+        embedded guidance of a guidance-distilled model (None: the value it trains with)."""
         raise NotImplementedError
+
+    def cfg_scale(self, guidance_scale: float) -> float:
+        """The classifier-free guidance scale that a generation's `guidance_scale` means; guidance-
+        distilled families embed the value instead and run one pass (1.0)."""
+        return guidance_scale
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -105,7 +138,7 @@ class StableDiffusion(Family):
 
         return _HiddenOnly(PromptEncoder(parts.tokenizer, parts.text_encoder, clip_skip=clip_skip, max_windows=max_windows))
 
-    def denoiser_inputs(self, text, ids=None):
+    def denoiser_inputs(self, text, ids=None, guidance=None):
         return {"encoder_hidden_states": text["hidden"]}
 
     def from_original(self, state, configs):
@@ -118,8 +151,8 @@ class StableDiffusion(Family):
         from .checkpoints import text_state_dict
         from .single_file import diffusers_to_original
 
-        return diffusers_to_original(parts.unet.state_dict(), parts.vae.state_dict(), text_state_dict(parts.text_encoder),
-                                     parts.unet.config, parts.vae.config, parts.text_kind)
+        return diffusers_to_original(parts.denoiser.state_dict(), parts.vae.state_dict(), text_state_dict(parts.text_encoder),
+                                     parts.denoiser.config, parts.vae.config, parts.text_kind)
 
 
 class _HiddenOnly(torch.nn.Module):
@@ -154,6 +187,7 @@ class SDXL(Family):
                   ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"))
     pipeline_options = {"force_zeros_for_empty_prompt": True}
     zero_empty_prompt = True
+    default_guidance_scale = 5.0
 
     def prompt_encoder(self, parts, clip_skip: int = 0, max_windows: int = 3) -> torch.nn.Module:
         from .text_sdxl import SDXLPromptEncoder
@@ -166,7 +200,7 @@ class SDXL(Family):
 
         return size_ids(original, crop_top_left, target)
 
-    def denoiser_inputs(self, text, ids=None):
+    def denoiser_inputs(self, text, ids=None, guidance=None):
         if ids is None:
             raise ValueError(f"{self.title} needs the size conditioning ids (original size, crop, target size)")
         if "pooled" not in text:
@@ -184,7 +218,7 @@ class SDXL(Family):
         from .single_file_sdxl import diffusers_to_original
 
         texts = {name: text_state_dict(model) for name, model in parts.text_encoders.items()}
-        return diffusers_to_original(parts.unet.state_dict(), parts.vae.state_dict(), texts, parts.unet.config,
+        return diffusers_to_original(parts.denoiser.state_dict(), parts.vae.state_dict(), texts, parts.denoiser.config,
                                      parts.vae.config)
 
 
@@ -218,8 +252,80 @@ class SDXLRefiner(SDXL):
         return self.size_ids((height, width), (0, 0), (height, width), score)
 
 
+
+class Flux(Family):
+    """Flux.1: a flow-matching MM-DiT transformer on 16-channel latents; T5's states for the tokens and
+    CLIP-L's pooled output for the modulation. One class, two instances: dev embeds the guidance
+    value (it was distilled from guided outputs), schnell (timestep-distilled) has no such input
+    and reads shorter prompts."""
+
+    title = "Flux.1"
+    pipeline_class = "FluxPipeline"
+    inpaint_pipeline_class = "FluxFillPipeline"
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    text_parts = (("text_encoder", "tokenizer", "CLIPTextModel"),
+                  ("text_encoder_2", "tokenizer_2", "T5EncoderModel"))
+    denoiser_name = "transformer"
+    latent_multiple = 2
+    default_guidance_scale = 3.5  # dev's embedded guidance; schnell ignores it
+    single_file_denoiser_only = True
+
+    def __init__(self, name: str, guidance_embeds: bool, max_sequence_length: int, training_guidance: float = 1.0):
+        self.name = name
+        self.title = f"Flux.1-{name.removeprefix('flux-')}"
+        self.guidance_embeds = guidance_embeds
+        self.max_sequence_length = max_sequence_length  # T5 tokens: 512 for dev, 256 for schnell
+        # What a guidance-distilled model is fed while it trains: 1.0, as kohya's sd-scripts, ai-toolkit and
+        # SimpleTuner use for Flux.1-dev LoRAs; generation then embeds the asked guidance (3.5 by default).
+        self.training_guidance = training_guidance
+
+    def denoiser_class(self) -> type:
+        from .flux import FluxTransformer
+
+        return FluxTransformer
+
+    def schedule_class(self) -> type:
+        from .flow import FlowMatchSchedule
+
+        return FlowMatchSchedule
+
+    def default_latent_side(self, denoiser_config) -> int:
+        return 128  # 1024 px, as diffusers' Flux pipelines
+
+    def prompt_encoder(self, parts, clip_skip: int = 0, max_windows: int = 3) -> torch.nn.Module:
+        from .text_flux import FluxPromptEncoder
+
+        if clip_skip:
+            raise ValueError(f"{self.title} reads T5's last state and CLIP's pooled output: clip_skip does not apply")
+        return FluxPromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2,
+                                 max_length=self.max_sequence_length)
+
+    def denoiser_inputs(self, text, ids=None, guidance=None):
+        if "pooled" not in text:
+            raise ValueError(f"{self.title} needs the pooled CLIP embedding; was the cache built for another family?")
+        inputs = {"encoder_hidden_states": text["hidden"], "pooled_projections": text["pooled"]}
+        if self.guidance_embeds:
+            value = self.training_guidance if guidance is None else guidance
+            inputs["guidance"] = torch.full((text["hidden"].shape[0],), float(value), device=text["hidden"].device)
+        return inputs
+
+    def cfg_scale(self, guidance_scale: float) -> float:
+        return 1.0
+
+    def from_original(self, state, configs):
+        from .single_file_flux import original_to_diffusers
+
+        return {self.denoiser_name: original_to_diffusers(state, configs[self.denoiser_name])}
+
+    def to_original(self, parts):
+        from .single_file_flux import diffusers_to_original
+
+        return diffusers_to_original(parts.denoiser.state_dict(), parts.denoiser.config)
+
 SD, SDXL_BASE, SDXL_REFINER = StableDiffusion(), SDXL(), SDXLRefiner()
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL_BASE, SDXL_REFINER)}
+FLUX_DEV = Flux("flux-dev", guidance_embeds=True, max_sequence_length=512)
+FLUX_SCHNELL = Flux("flux-schnell", guidance_embeds=False, max_sequence_length=256)
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL_BASE, SDXL_REFINER, FLUX_DEV, FLUX_SCHNELL)}
 
 
 def get_family(name: str | Family) -> Family:
@@ -231,8 +337,11 @@ def get_family(name: str | Family) -> Family:
         raise KeyError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}") from None
 
 
-def family_of_pipeline(index: Mapping[str, Any]) -> Family:
-    """The family of a diffusers folder, from its model_index.json."""
+def family_of_pipeline(index: Mapping[str, Any], denoiser_config: Mapping[str, Any] | None = None) -> Family:
+    """The family of a diffusers folder, from its model_index.json (and for Flux its transformer's
+    config, which says whether the guidance is embedded)."""
+    if index.get("transformer") and index["transformer"][1] == "FluxTransformer2DModel":
+        return FLUX_DEV if (denoiser_config or {}).get("guidance_embeds", False) else FLUX_SCHNELL
     if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None:
         if not index.get("text_encoder") or index["text_encoder"][0] is None:
             return SDXL_REFINER

@@ -110,7 +110,7 @@ def inpaint(
     (negative_prompt, eta, karras, output, progress, callback, ...); the noise comes from `seed`
     in diffusers' order, so passing diffusers the same seed and these masked latents reproduces it.
     """
-    unet, vae = components.unet, components.vae
+    unet, vae = components.denoiser, components.vae
     if unet.config.in_channels != INPAINT_CHANNELS:
         raise ValueError(
             f"inpaint needs a 9-channel inpainting U-Net, this one takes {unet.config.in_channels} channels; "

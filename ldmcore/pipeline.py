@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .checkpoints import Components
-from .samplers import Denoiser, classifier_free_guidance, ddim, ddpm, dpmpp_2m, euler, img2img_start, sigma_grid
+from .samplers import classifier_free_guidance, ddim, ddpm, dpmpp_2m, euler
 from .text import pad_to_same_length
 
 # name -> (sampler, the diffusers scheduler family whose step grid it uses)
@@ -56,8 +56,8 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     steps: int = 30,
-    guidance_scale: float = 7.5,
-    sampler: str = "dpmpp_2m",
+    guidance_scale: float | None = None,
+    sampler: str | None = None,
     karras: bool = False,
     eta: float = 0.0,
     clip_skip: int = 0,
@@ -71,13 +71,19 @@ def generate(
     """Sample images for `prompt` (one image per prompt).
 
     `init_image` turns this into img2img: the picture is encoded, noised to the level that
-    `strength` selects (1.0 = pure noise, as text-to-image) and denoised from there. The seed
+    `strength` selects (1.0 = pure noise, as text-to-image) and denoised from there; without a
+    height and width the output has the picture's size. The seed
     fixes the noise: a CPU generator, so the same seed gives the same start on every device.
     `output="latent"` returns the final latents instead of images.
 
     The text and size conditioning are the model family's (`components.family`): for SDXL the
     pooled embedding and the size ids (original = target = the asked size, no crop), and an empty
-    negative prompt conditions on zeros, as diffusers' SDXL pipelines do by default.
+    negative prompt conditions on zeros, as diffusers' SDXL pipelines do by default. Guidance-distilled
+    Flux.1-dev embeds `guidance_scale` and runs one pass per step; schnell ignores it. Without a
+    `guidance_scale` the family's default applies (SD 7.5, SDXL 5.0, Flux 3.5, as diffusers' pipelines).
+
+    The objective is the schedule's (`components.schedule`): the discrete DDPM schedules sample with
+    any of SAMPLERS (`sampler=None`: DPM-Solver++ 2M), flow matching with the flow Euler step.
 
     `unet_inputs(x_t, t, inputs)` adds inputs to every U-Net call (ControlNet residuals, the
     inpainting channels); `inputs` are the conditioning keyword inputs of that call
@@ -85,51 +91,64 @@ def generate(
     Classifier-free guidance may batch the conditional and unconditional halves, so it must fit
     x_t's batch.
     """
+    schedule, family = components.schedule, components.family
+    sampler = sampler or schedule.default_sampler
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if sampler not in schedule.samplers:
+        raise ValueError(f"sampler {sampler!r} does not fit {family.title}'s objective; choose one of "
+                         f"{', '.join(schedule.samplers)}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(negatives) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
-    unet, vae = components.unet, components.vae
-    device, dtype = unet.device, unet.dtype
+    denoiser, vae = components.denoiser, components.vae
+    device, dtype = denoiser.device, denoiser.dtype
     factor = components.vae_scale_factor
-    default_side = unet.config.sample_size * factor
+    multiple = factor * family.latent_multiple
+    if init_image is not None and not (height or width):  # img2img keeps the picture's size (rounded down)
+        first = init_image if isinstance(init_image, Image.Image) else init_image[0]
+        height, width = (max(multiple, side // multiple * multiple) for side in (first.height, first.width))
+    default_side = family.default_latent_side(denoiser.config) * factor
     height, width = height or default_side, width or default_side
-    if height % factor or width % factor:
-        raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple} for {family.title}, got {height}x{width}")
 
-    family = components.family
+    if guidance_scale is None:
+        guidance_scale = family.default_guidance_scale
+    cfg_scale = family.cfg_scale(guidance_scale)
     encoder = components.prompt_encoder(clip_skip=clip_skip)
-    cond, uncond = encoder(prompts), encoder(negatives)  # {"hidden": (b, tokens, width), ["pooled": (b, p)]}
+    cond = encoder(prompts)  # {"hidden": (b, tokens, width), ["pooled": (b, p)]}
+    uncond = encoder(negatives) if cfg_scale != 1.0 else cond
     empty = family.empty_text(encoder([""]))
     if family.zero_empty_prompt:  # rows with an empty negative prompt condition on zeros
         blank = torch.tensor([n == "" for n in negatives], device=uncond["hidden"].device)
         uncond = {k: torch.where(blank.view(-1, *[1] * (v.ndim - 1)), torch.zeros_like(v), v) for k, v in uncond.items()}
     cond["hidden"], uncond["hidden"] = pad_to_same_length(cond["hidden"], uncond["hidden"], empty["hidden"])
     cond_inputs, uncond_inputs = (
-        family.denoiser_inputs(text, _batch_ids(family.generation_ids(height, width, negative=negative), len(prompts), device))
+        family.denoiser_inputs(text, _batch_ids(family.generation_ids(height, width, negative=negative), len(prompts),
+                                                device), guidance=guidance_scale)
         for text, negative in ((cond, False), (uncond, True))
     )
 
-    def unet_call(x_t, t, **inputs):
+    def denoiser_call(x_t, t, **inputs):
         extra = unet_inputs(x_t, t, inputs) if unet_inputs is not None else {}
         sample = extra.pop("sample", x_t)
-        return unet(sample.to(dtype), t, **_cast(inputs, dtype), **extra).float()
+        return denoiser(sample.to(dtype), t, **_cast(inputs, dtype), **extra).float()
 
-    model = classifier_free_guidance(unet_call, cond_inputs, uncond_inputs, guidance_scale)
+    model = classifier_free_guidance(denoiser_call, cond_inputs, uncond_inputs, cfg_scale)
     step_fn, grid_style = SAMPLERS[sampler]
     if sampler == "ddim":
         step_fn = functools.partial(ddim, eta=eta)
-    sigmas = sigma_grid(components.schedule, steps, like=grid_style, karras=karras)
+    shape = (len(prompts), vae.config.latent_channels, height // factor, width // factor)
+    sigmas = schedule.grid(steps, like=grid_style, karras=karras, latent_shape=shape)
 
     # Draws from one CPU generator in diffusers' order (img2img: the posterior sample, then the
     # noise), so a seed gives the same start as diffusers' pipelines on any device.
     generator = torch.Generator().manual_seed(seed)
-    shape = (len(prompts), unet.config.out_channels, height // factor, width // factor)
     if init_image is None:
         noise = torch.randn(shape, generator=generator).to(device)
-        x = noise * (1 + sigmas[0] ** 2).sqrt().item()
+        x = schedule.initial_sample(noise, sigmas[0].item())
     else:
         images = [init_image] if isinstance(init_image, Image.Image) else list(init_image)
         if len(images) != len(prompts):
@@ -138,7 +157,8 @@ def generate(
         pixels = images_to_tensor(images, device).to(vae.dtype)
         x0 = vae.scale(vae.encode(pixels).sample(generator)).float()
         noise = torch.randn(shape, generator=generator).to(device)
-        start, x = img2img_start(sigmas, strength, x0, noise)
+        start = schedule.img2img_start(len(sigmas) - 1, strength)
+        x = schedule.noised_sample(x0, noise, sigmas[start].item())
         sigmas = sigmas[start:]
 
     bar = None
@@ -153,10 +173,10 @@ def generate(
         if callback is not None:
             callback(info)
 
-    x = step_fn(Denoiser(model, components.schedule), x, sigmas, generator=generator, callback=on_step)
+    x = step_fn(schedule.denoiser(model), x, sigmas, generator=generator, callback=on_step)
     if bar is not None:
         bar.close()
-    latents = x / (1 + sigmas[-1] ** 2).sqrt().item()
+    latents = schedule.final_latents(x, sigmas[-1].item())
     if output == "latent":
         return latents
     return tensor_to_images(vae.decode(vae.unscale(latents).to(vae.dtype)))

@@ -8,13 +8,14 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    unet: dict[str, Any]
+    denoiser: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any] | None  # transformers CLIPTextConfig keys; None: no such encoder (SDXL refiner)
     scheduler: dict[str, Any]  # diffusers scheduler config keys
     resolution: int  # native image side in pixels; the latent side is resolution // 2**(VAE levels - 1)
     text_kind: str = "clip"  # family "sd": "clip" (SD 1.x, OpenAI CLIP) or "openclip" (SD 2.x) in single files
-    # SDXL's second encoder (OpenCLIP bigG in HF names): CLIPTextConfig keys for CLIPTextModelWithProjection
+    # the second encoder: SDXL's OpenCLIP bigG (CLIPTextConfig keys for CLIPTextModelWithProjection), Flux's T5
+    # (T5Config keys for T5EncoderModel)
     text_encoder_2: dict[str, Any] | None = None
     # "sd" (1.x / 2.x: one text encoder), "sdxl" (two encoders, added conditioning) or "sdxl-refiner" (the
     # second encoder only): a name in ldmcore.family.FAMILIES
@@ -57,7 +58,7 @@ _SD_UNET_BLOCKS = {
 }
 
 SD15 = Preset(
-    unet={**_SD_UNET_BLOCKS, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
+    denoiser={**_SD_UNET_BLOCKS, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
     vae=_SD_VAE,
     text_encoder={  # OpenAI CLIP ViT-L/14 text tower
         "vocab_size": 49408,
@@ -91,7 +92,7 @@ _SD2_UNET = {
 }
 
 SD21 = Preset(  # the 768 px v-prediction model
-    unet={**_SD2_UNET, "sample_size": 96, "upcast_attention": True},
+    denoiser={**_SD2_UNET, "sample_size": 96, "upcast_attention": True},
     vae={**_SD_VAE, "sample_size": 768},
     text_encoder=_SD2_TEXT,
     scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
@@ -100,7 +101,7 @@ SD21 = Preset(  # the 768 px v-prediction model
 )
 
 SD21_BASE = Preset(  # the 512 px epsilon model
-    unet={**_SD2_UNET, "sample_size": 64},
+    denoiser={**_SD2_UNET, "sample_size": 64},
     vae=_SD_VAE,
     text_encoder=_SD2_TEXT,
     scheduler=_SD_SCHEDULER,
@@ -109,7 +110,7 @@ SD21_BASE = Preset(  # the 512 px epsilon model
 )
 
 TINY = Preset(  # for tests: same layout as SD 1.5, a few hundred thousand parameters
-    unet={
+    denoiser={
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
         "block_out_channels": [32, 64],
@@ -145,7 +146,7 @@ TINY = Preset(  # for tests: same layout as SD 1.5, a few hundred thousand param
 )
 
 TINY_WORLD = Preset(  # the tiny world's base (worlds.pictures): SD 1.5's layout, trained on a CPU in minutes
-    unet={
+    denoiser={
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
         "block_out_channels": [64, 128],
@@ -181,7 +182,7 @@ TINY_WORLD = Preset(  # the tiny world's base (worlds.pictures): SD 1.5's layout
 )
 
 TEST_WORLD = Preset(  # the test suite's smaller world (worlds.world.TEST_WORLD): half the channels, a few minutes to train
-    unet={**TINY_WORLD.unet, "block_out_channels": [32, 64], "norm_num_groups": 8, "cross_attention_dim": 32},
+    denoiser={**TINY_WORLD.denoiser, "block_out_channels": [32, 64], "norm_num_groups": 8, "cross_attention_dim": 32},
     vae={**TINY_WORLD.vae, "block_out_channels": [16, 32, 32], "norm_num_groups": 8},
     text_encoder={**TINY_WORLD.text_encoder, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32},
     scheduler=_SD_SCHEDULER,
@@ -204,7 +205,7 @@ _BIGG_TEXT = {  # OpenCLIP ViT-bigG/14 text tower, all 32 layers (SDXL reads the
 _TEXT_TIME = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256}
 
 SDXL = Preset(  # stable-diffusion-xl-base-1.0
-    unet={
+    denoiser={
         **_SD_UNET_BLOCKS,
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
@@ -226,7 +227,7 @@ SDXL = Preset(  # stable-diffusion-xl-base-1.0
 )
 
 SDXL_REFINER = Preset(  # stable-diffusion-xl-refiner-1.0: bigG only; an aesthetic score replaces the target size
-    unet={
+    denoiser={
         **_SD_UNET_BLOCKS,
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
@@ -248,7 +249,7 @@ SDXL_REFINER = Preset(  # stable-diffusion-xl-refiner-1.0: bigG only; an aesthet
 )
 
 _TINY_SDXL_UNET = {  # SDXL's layout: no attention on level 0, deeper transformers lower down, two resnets per level
-    **TINY.unet,
+    **TINY.denoiser,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "block_out_channels": [32, 64, 64],
@@ -273,7 +274,7 @@ _TINY_TEXT = {
 }
 
 TINY_SDXL = Preset(  # for tests
-    unet=_TINY_SDXL_UNET,
+    denoiser=_TINY_SDXL_UNET,
     vae={**TINY.vae, "scaling_factor": 0.13025},
     text_encoder=_TINY_TEXT,
     # wider than the first, as bigG is wider than CLIP-L: diffusers' single-file reader tells the two encoders
@@ -286,7 +287,7 @@ TINY_SDXL = Preset(  # for tests
 )
 
 TINY_SDXL_REFINER = Preset(  # for tests: the second encoder only
-    unet={**_TINY_SDXL_UNET, "cross_attention_dim": 48, "projection_class_embeddings_input_dim": 48 + 5 * 8},
+    denoiser={**_TINY_SDXL_UNET, "cross_attention_dim": 48, "projection_class_embeddings_input_dim": 48 + 5 * 8},
     vae=TINY_SDXL.vae,
     text_encoder=None,
     text_encoder_2=TINY_SDXL.text_encoder_2,
@@ -297,7 +298,7 @@ TINY_SDXL_REFINER = Preset(  # for tests: the second encoder only
 
 TEST_WORLD_SDXL = Preset(  # the test suite's SDXL-shaped world (worlds.world.TEST_WORLD_SDXL): trained from nothing
     # tiny-sdxl's layout with one resnet per level and one transformer layer everywhere: a few minutes to train
-    unet={**_TINY_SDXL_UNET, "layers_per_block": 1, "transformer_layers_per_block": [1, 1, 1]},
+    denoiser={**_TINY_SDXL_UNET, "layers_per_block": 1, "transformer_layers_per_block": [1, 1, 1]},
     vae={**TEST_WORLD.vae, "scaling_factor": 0.13025},  # the VAE method measures its own factor
     text_encoder={**TEST_WORLD.text_encoder, "num_hidden_layers": 3},
     text_encoder_2={**TEST_WORLD.text_encoder, "num_hidden_layers": 3, "hidden_size": 48, "intermediate_size": 96,
@@ -307,10 +308,81 @@ TEST_WORLD_SDXL = Preset(  # the test suite's SDXL-shaped world (worlds.world.TE
     family="sdxl",
 )
 
+# Flux.1 ------------------------------------------------------------------------------------------
+
+_FLUX_VAE = {  # SD's VAE layout with 16 latent channels, no quant convs, and a shift before the scale
+    **_SD_VAE, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+    "use_quant_conv": False, "use_post_quant_conv": False, "sample_size": 1024,
+}
+_FLUX_TRANSFORMER = {  # 12B: hidden 3072 = 24 heads x 128, 19 double-stream and 38 single-stream blocks
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+    "axes_dims_rope": [16, 56, 56],
+}
+_T5_XXL = {  # T5 v1.1 XXL's encoder (transformers T5Config keys)
+    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
+    "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False,
+}
+_FLUX_DEV_SCHEDULER = {  # the shift grows with the image's token count
+    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+    "base_image_seq_len": 256, "max_image_seq_len": 4096,
+}
+_FLUX_SCHNELL_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
+
+FLUX_DEV = Preset(
+    denoiser={**_FLUX_TRANSFORMER, "guidance_embeds": True},
+    vae=_FLUX_VAE,
+    text_encoder=SD15.text_encoder,  # CLIP ViT-L/14: its pooled output only
+    text_encoder_2=_T5_XXL,
+    scheduler=_FLUX_DEV_SCHEDULER,
+    resolution=1024,
+    family="flux-dev",
+)
+FLUX_SCHNELL = Preset(
+    denoiser={**_FLUX_TRANSFORMER, "guidance_embeds": False},
+    vae=_FLUX_VAE,
+    text_encoder=SD15.text_encoder,
+    text_encoder_2=_T5_XXL,
+    scheduler=_FLUX_SCHNELL_SCHEDULER,
+    resolution=1024,
+    family="flux-schnell",
+)
+_TINY_FLUX_TRANSFORMER = {  # for tests: Flux's layout at width 32
+    "patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
+    "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32, "axes_dims_rope": [4, 6, 6],
+    "guidance_embeds": True,
+}
+_TINY_T5 = {
+    "vocab_size": 1000, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+    "relative_attention_num_buckets": 8, "relative_attention_max_distance": 32, "feed_forward_proj": "gated-gelu",
+    "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False,
+}
+TINY_FLUX = Preset(  # for tests: dev-shaped (guidance embedded), 32 px pictures -> 8x8 latents -> 16 image tokens
+    denoiser=_TINY_FLUX_TRANSFORMER,
+    vae={**TINY.vae, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+         "use_quant_conv": False, "use_post_quant_conv": False},
+    text_encoder=_TINY_TEXT,
+    text_encoder_2=_TINY_T5,
+    scheduler=_FLUX_DEV_SCHEDULER,
+    resolution=32,
+    family="flux-dev",
+)
+TINY_FLUX_SCHNELL = Preset(
+    denoiser={**_TINY_FLUX_TRANSFORMER, "guidance_embeds": False},
+    vae=TINY_FLUX.vae,
+    text_encoder=_TINY_TEXT,
+    text_encoder_2=_TINY_T5,
+    scheduler=_FLUX_SCHNELL_SCHEDULER,
+    resolution=32,
+    family="flux-schnell",
+)
+
 PRESETS: dict[str, Preset] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY, "tiny-world": TINY_WORLD,
                               "test-world": TEST_WORLD, "sdxl": SDXL, "sdxl-refiner": SDXL_REFINER,
                               "tiny-sdxl": TINY_SDXL, "tiny-sdxl-refiner": TINY_SDXL_REFINER,
-                              "test-world-sdxl": TEST_WORLD_SDXL}
+                              "test-world-sdxl": TEST_WORLD_SDXL, "flux-dev": FLUX_DEV, "flux-schnell": FLUX_SCHNELL,
+                              "tiny-flux": TINY_FLUX, "tiny-flux-schnell": TINY_FLUX_SCHNELL}
 
 
 def get_preset(name: str) -> Preset:

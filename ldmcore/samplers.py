@@ -266,10 +266,15 @@ def img2img_start(
     """Where img2img starts on a grid of `len(sigmas) - 1` steps, as diffusers' pipelines do: skip the first
     steps - int(steps * strength) steps, and noise the encoded image x0 to that level.
     Returns (start, x): sample with `sampler(denoiser, x, sigmas[start:])`."""
-    steps = len(sigmas) - 1
+    start = img2img_start_index(len(sigmas) - 1, strength)
+    return start, x0 + noise * float(sigmas[start])  # (b, c, h, w)
+
+
+def img2img_start_index(steps: int, strength: float) -> int:
+    """The steps diffusers' SD pipelines skip for `strength`: steps - int(steps * strength)."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"img2img_start: strength={strength} must be in [0, 1]")
     start = steps - min(int(steps * strength), steps)
     if start == steps:
         raise ValueError(f"img2img_start: strength={strength} with {steps} steps leaves no step to run; raise either")
-    return start, x0 + noise * float(sigmas[start])  # (b, c, h, w)
+    return start

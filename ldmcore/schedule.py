@@ -83,6 +83,66 @@ class NoiseSchedule:
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init})
         return out
 
+    # --- the objective's face to the training loop and the pipeline (shared with flow.FlowMatchSchedule) ---
+
+    kind = "ddpm"
+    default_sampler = "dpmpp_2m"
+    samplers = ("ddpm", "ddim", "euler", "dpmpp_2m")
+
+    def draw_timestep(self, generator: torch.Generator, latent_shape, loss) -> torch.Tensor:
+        """One training timestep, uniform over the discrete steps (a 0-dim int64 tensor)."""
+        if loss.timestep_sampling not in (None, "uniform") or loss.timestep_shift is not None:
+            raise ValueError("loss.timestep_sampling / loss.timestep_shift choose flow-matching sigmas; this model "
+                             "has a discrete DDPM schedule (timesteps are drawn uniformly; remove them)")
+        return torch.randint(0, self.num_train_timesteps, (), generator=generator)
+
+    def loss_weights(self, t: torch.Tensor, loss) -> torch.Tensor:
+        """Per-sample loss weights (b,): min-SNR-gamma (Hang et al. 2023) when `loss.min_snr_gamma` is set."""
+        if loss.weighting != "none":
+            raise ValueError(f"loss.weighting={loss.weighting!r} weighs flow-matching sigmas; this model has a "
+                             "discrete DDPM schedule (use loss.min_snr_gamma)")
+        if not loss.min_snr_gamma:
+            return torch.ones(t.shape, device=t.device)
+        snr = self.snr(t)
+        capped = snr.clamp(max=loss.min_snr_gamma)
+        if self.prediction_type == "v_prediction":
+            return capped / (snr + 1)
+        # epsilon: min(snr, gamma) / snr; zero-terminal-SNR timesteps (snr = 0) keep weight 1
+        return torch.where(snr > 0, capped / snr.clamp(min=1e-12), torch.ones_like(snr))
+
+    def fixed_timestep(self, step: int) -> int:
+        """The model timestep of a validation step on the 0..num_train_timesteps scale: itself."""
+        return step
+
+    def grid(self, steps: int, *, like: str, karras: bool = False, latent_shape=None) -> torch.Tensor:
+        """The descending sigmas of diffusers' scheduler family `like` (samplers.sigma_grid)."""
+        from .samplers import sigma_grid
+
+        return sigma_grid(self, steps, like=like, karras=karras)
+
+    def denoiser(self, model):
+        """D(x, sigma) -> x0 in the variance-exploding coordinates the samplers step in."""
+        from .samplers import Denoiser
+
+        return Denoiser(model, self)
+
+    def initial_sample(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Unit-variance noise as the sampler state x = x_t / alpha_t at the grid's first level."""
+        return noise * math.sqrt(1 + sigma**2)
+
+    def noised_sample(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Image to image: the encoded picture noised to `sigma`, as the sampler state."""
+        return x0 + noise * sigma
+
+    def final_latents(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The sampler state at the last level as latents (x_t = alpha_t * x)."""
+        return x / math.sqrt(1 + sigma**2)
+
+    def img2img_start(self, steps: int, strength: float) -> int:
+        from .samplers import img2img_start_index
+
+        return img2img_start_index(steps, strength)
+
     # --- per-sample look-ups; t is an integer tensor of shape (b,) ---
 
     def _at(self, table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -85,7 +85,7 @@ def build_training_world(root: Path, model: str = "model", preset: str = "tiny")
 
     parts = Components.from_preset(preset, build_word_tokenizer(TRAIN_WORDS))
     randomize_(parts.vae, seed=1, std=0.05)
-    randomize_(parts.unet, seed=2, std=0.05)
+    randomize_(parts.denoiser, seed=2, std=0.05)
     parts.save_pretrained(root / model)
     data = root / "data"
     data.mkdir()

@@ -16,7 +16,7 @@ WORDS = "a red circle on white background".split()
 def saved(tmp_path_factory):
     tok = build_word_tokenizer(WORDS)
     parts = Components.from_preset("tiny", tok, seed=0)
-    randomize_(parts.unet, seed=1, std=0.05)
+    randomize_(parts.denoiser, seed=1, std=0.05)
     randomize_(parts.vae, seed=2, std=0.05)
     root = tmp_path_factory.mktemp("ckpt")
     parts.save_pretrained(root / "model")
@@ -25,7 +25,7 @@ def saved(tmp_path_factory):
 
 
 def assert_same_weights(a: Components, b: Components):
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("denoiser", "vae", "text_encoder"):
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         assert sorted(sa) == sorted(sb), name
         for k in sa:
@@ -62,7 +62,7 @@ def test_diffusers_reads_both_layouts(saved):
     parts, root = saved
     x, t, ctx = unet_inputs(parts)
     with torch.no_grad():
-        expected = parts.unet(x, t, ctx)
+        expected = parts.denoiser(x, t, ctx)
         folder_pipe = diffusers.StableDiffusionPipeline.from_pretrained(root / "model", safety_checker=None)
         assert rel_err(folder_pipe.unet(x, t, ctx).sample, expected) < 1e-5
         single_pipe = diffusers.StableDiffusionPipeline.from_single_file(

@@ -18,7 +18,7 @@ FAST = {"steps": 2, "batch_size": 3, "progress": False}
 @pytest.fixture(scope="module")
 def tiny():
     parts = Components.from_preset("tiny", build_word_tokenizer(["a", "photo", "of", "dog"]), seed=0)
-    for i, model in enumerate((parts.unet, parts.vae)):  # random weights, so pictures differ by seed
+    for i, model in enumerate((parts.denoiser, parts.vae)):  # random weights, so pictures differ by seed
         randomize_(model, seed=i, std=0.05)
     return parts
 

@@ -75,7 +75,7 @@ def test_real_family_state_dict_matches_diffusers(preset):
     from diffusers import ControlNetModel
 
     with torch.device("meta"):  # keys, order and shapes only
-        cfg = ControlNetConfig.from_unet_config(UNet.from_config(dict(PRESETS[preset].unet)).config)
+        cfg = ControlNetConfig.from_unet_config(UNet.from_config(dict(PRESETS[preset].denoiser)).config)
         ours, ref = ControlNet(cfg).state_dict(), ControlNetModel(**diffusers_kwargs(cfg)).state_dict()
     assert list(ours) == list(ref)
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
@@ -238,9 +238,9 @@ def test_generation_matches_diffusers_controlnet_pipeline(tmp_path):
     from ldmcore.text import build_word_tokenizer
 
     parts = Components.from_preset("tiny", build_word_tokenizer(WORDS), seed=0)
-    randomize_(parts.unet, seed=0, std=0.05)
+    randomize_(parts.denoiser, seed=0, std=0.05)
     randomize_(parts.vae, seed=1, std=0.05)
-    cn = randomize_(ControlNet.from_unet(parts.unet, conditioning_embedding_out_channels=(8, 16, 32)), seed=2, std=0.05)
+    cn = randomize_(ControlNet.from_unet(parts.denoiser, conditioning_embedding_out_channels=(8, 16, 32)), seed=2, std=0.05)
     parts.save_pretrained(tmp_path / "model")
     cn.save_pretrained(tmp_path / "controlnet")
     base = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "model", safety_checker=None)
@@ -277,7 +277,7 @@ def world(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"cnworld-{request.param}")
     parts = Components.from_preset(request.param, build_word_tokenizer(WORDS))
     randomize_(parts.vae, seed=1, std=0.05)
-    randomize_(parts.unet, seed=2, std=0.05)
+    randomize_(parts.denoiser, seed=2, std=0.05)
     parts.save_pretrained(root / "model")
     (root / "data").mkdir()
     for i in range(4):
@@ -403,7 +403,7 @@ def test_a_bf16_step_takes_accelerates_float32_outputs(world):
 
     m = make_method(world, "train.gradient_checkpointing=true")
     m.build()
-    m.components.unet.to(torch.bfloat16)
+    m.components.denoiser.to(torch.bfloat16)
     cn = m.controlnet.train()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # the family's text conditioning, as the cache would hold it

@@ -40,7 +40,7 @@ def world(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     parts = Components.from_preset(request.param, build_word_tokenizer(WORDS))
     randomize_(parts.vae, seed=1, std=0.05)
-    randomize_(parts.unet, seed=2, std=0.05)
+    randomize_(parts.denoiser, seed=2, std=0.05)
     parts.save_pretrained(root / "model")
     _images(root / "data", 4, (64, 64), seed=0, captions=True)
     _images(root / "sks", 2, (64, 64), seed=1, captions=False)
@@ -212,7 +212,7 @@ def test_prior_loss_weight_weighs_the_class_samples(world, class_folder):
     assert len(dataset) == 2 and not any(dataset[i]["is_class"] for i in range(2))  # the loop sees instances only
     batch = to_device(collate([dataset[0], dataset[1]]), "cpu")
     empty = to_device(dataset.empty_text(), "cpu")
-    unet = method.components.unet
+    unet = method.components.denoiser
 
     def gens():  # fresh generators: a loss consumes them
         return sample_generators(0, 5, torch.tensor([0, 1]))

@@ -24,8 +24,8 @@ WORDS = "a red green blue circle square on white black background".split()
 def tiny_inpainting_parts(seed: int = 0, preset: str = "tiny") -> Components:
     parts = Components.from_preset(preset, build_word_tokenizer(WORDS))
     randomize_(parts.vae, seed=seed + 1, std=0.05)
-    widen_conv_in(parts.unet)
-    randomize_(parts.unet, seed=seed + 2, std=0.05)  # every weight, the new channels' too
+    widen_conv_in(parts.denoiser)
+    randomize_(parts.denoiser, seed=seed + 2, std=0.05)  # every weight, the new channels' too
     return parts
 
 
@@ -58,7 +58,7 @@ def unet_inputs(seed=0, channels=9, size=8):
 
 def test_widening_keeps_the_output_and_saves_as_nine_channels(tmp_path):
     parts = Components.from_preset("tiny", build_word_tokenizer(WORDS))
-    unet = randomize_(parts.unet, seed=3, std=0.05)
+    unet = randomize_(parts.denoiser, seed=3, std=0.05)
     x, t, ctx = unet_inputs(channels=9)
     with torch.no_grad():
         before = unet(x[:, :4], t, ctx)
@@ -70,7 +70,7 @@ def test_widening_keeps_the_output_and_saves_as_nine_channels(tmp_path):
         unet.conv_in.weight[:, 4:] = 0.1  # once the new weights move, the extra channels count
         assert rel_err(unet(x, t, ctx), before) > 1e-3
     parts.save_pretrained(tmp_path / "model")
-    assert load_components(tmp_path / "model").unet.conv_in.weight.shape[1] == 9
+    assert load_components(tmp_path / "model").denoiser.conv_in.weight.shape[1] == 9
 
 
 def test_an_inpainting_single_file_loads_with_its_base_models_folder(world, tmp_path):
@@ -81,10 +81,10 @@ def test_an_inpainting_single_file_loads_with_its_base_models_folder(world, tmp_
     state = load_file(world / "inpainting.safetensors")
     save_file(state, tmp_path / "foreign.safetensors")  # without our metadata
     parts = load_components(tmp_path / "foreign.safetensors", config=world / "base", tokenizer=world / "base")
-    assert parts.unet.config.in_channels == 9
+    assert parts.denoiser.config.in_channels == 9
     ours = load_components(world / "inpainting.safetensors", tokenizer=world / "base")
-    for k, v in ours.unet.state_dict().items():
-        assert torch.equal(parts.unet.state_dict()[k], v), k
+    for k, v in ours.denoiser.state_dict().items():
+        assert torch.equal(parts.denoiser.state_dict()[k], v), k
 
 
 # -- the sampler ----------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_two_processes_train_and_export_what_diffusers_loads(world, tmp_path, se
     assert (ckpt / "rng_1.pt").is_file() and (out / "samples" / "step_00000002.png").is_file()
 
     # our U-Net: the base, widened, with the checkpoint's trained weights
-    ours = load_components(world / "base").unet
+    ours = load_components(world / "base").denoiser
     widen_conv_in(ours)
     trained = load_file(ckpt / "trained.safetensors")
     ours.load_state_dict(trained)
@@ -207,12 +207,12 @@ def test_two_processes_train_and_export_what_diffusers_loads(world, tmp_path, se
         pipe = pipeline.from_single_file(str(out / "model.safetensors"), config=str(out / "model"),
                                          local_files_only=True)
         assert rel_err(pipe.unet(x, t, ctx, **extra).sample, expected) < 1e-5
-        ours_from_file = load_components(out / "model.safetensors", tokenizer=out / "model").unet
+        ours_from_file = load_components(out / "model.safetensors", tokenizer=out / "model").denoiser
         assert rel_err(ours_from_file(x, t, ctx, **extra), expected) < 1e-6
         assert isinstance(diffusers.DiffusionPipeline.from_pretrained(out / "model"), pipeline)
         # a checkpoint exports to the complete model too (the full fine-tune's command)
         export_checkpoint(ckpt, tmp_path / "exported")
-        again = load_components(tmp_path / "exported" / "model").unet
+        again = load_components(tmp_path / "exported" / "model").denoiser
         assert rel_err(again(x, t, ctx, **extra), expected) < 1e-6
 
 
@@ -227,7 +227,7 @@ def test_resume_from_an_inpainting_single_file_ends_with_the_same_weights(world,
     run(world, tmp_path / "parts", *common, "train.resume=latest")
     whole = load_file(tmp_path / "whole" / "checkpoints" / "step_00000002" / "trained.safetensors")
     parts = load_file(tmp_path / "parts" / "checkpoints" / "step_00000002" / "trained.safetensors")
-    assert sorted(whole) == sorted(parts) and len(whole) == len(load_components(world / "base").unet.state_dict())
+    assert sorted(whole) == sorted(parts) and len(whole) == len(load_components(world / "base").denoiser.state_dict())
     for k in whole:
         assert torch.equal(whole[k], parts[k]), k
     assert not (tmp_path / "whole" / "model.safetensors").exists()

@@ -16,7 +16,7 @@ WORDS = "a red green blue circle square on white black background".split()
 def tiny(tmp_path_factory):
     tok = build_word_tokenizer(WORDS)
     parts = Components.from_preset("tiny", tok, seed=0)
-    for i, model in enumerate((parts.unet, parts.vae)):
+    for i, model in enumerate((parts.denoiser, parts.vae)):
         randomize_(model, seed=i, std=0.05)
     folder = tmp_path_factory.mktemp("tiny") / "model"
     parts.save_pretrained(folder)

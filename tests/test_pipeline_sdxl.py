@@ -18,8 +18,8 @@ WORDS = "a red green blue circle square on white black background".split()
 def tiny_parts(preset: str = "tiny-sdxl", inpainting: bool = False) -> Components:
     parts = Components.from_preset(preset, build_word_tokenizer(WORDS), seed=0)
     if inpainting:
-        widen_conv_in(parts.unet)
-    randomize_(parts.unet, seed=0, std=0.05)
+        widen_conv_in(parts.denoiser)
+    randomize_(parts.denoiser, seed=0, std=0.05)
     randomize_(parts.vae, seed=1, std=0.05)
     return parts
 
@@ -118,7 +118,7 @@ def test_controlnet_generation_matches_diffusers(base, tmp_path):
     import diffusers
 
     parts, folder = base
-    cn = randomize_(ControlNet.from_unet(parts.unet, conditioning_embedding_out_channels=(8, 16, 32)), seed=2, std=0.05)
+    cn = randomize_(ControlNet.from_unet(parts.denoiser, conditioning_embedding_out_channels=(8, 16, 32)), seed=2, std=0.05)
     cn.save_pretrained(tmp_path / "controlnet")
     sdxl = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
     pipe = diffusers.StableDiffusionXLControlNetPipeline(

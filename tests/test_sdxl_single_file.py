@@ -36,7 +36,7 @@ def diffusers_models(preset: str, in_channels: int = 4, seed: int = 0) -> dict:
     (distinct values everywhere, so two swapped tensors cannot compare equal)."""
     p, tokenizer = PRESETS[preset], build_word_tokenizer(WORDS)
     models = {
-        "unet": UNet2DConditionModel(**{**p.unet, "in_channels": in_channels}),
+        "unet": UNet2DConditionModel(**{**p.denoiser, "in_channels": in_channels}),
         "vae": AutoencoderKL(**p.vae),
         "text_encoder_2": CLIPTextModelWithProjection(text_config(p.text_encoder_2, tokenizer)),
     }
@@ -54,12 +54,12 @@ def state_dicts(models: dict) -> dict[str, dict[str, torch.Tensor]]:
 def export(sds: dict, preset: str, in_channels: int = 4) -> dict[str, torch.Tensor]:
     p = PRESETS[preset]
     texts = {name: sds[name] for name in TEXT_PARTS if name in sds}
-    return diffusers_to_original(sds["unet"], sds["vae"], texts, {**p.unet, "in_channels": in_channels}, p.vae)
+    return diffusers_to_original(sds["unet"], sds["vae"], texts, {**p.denoiser, "in_channels": in_channels}, p.vae)
 
 
 def configs(preset: str, in_channels: int = 4) -> dict:
     p = PRESETS[preset]
-    return {"unet": {**p.unet, "in_channels": in_channels}, "vae": p.vae, "text_encoder": p.text_encoder,
+    return {"unet": {**p.denoiser, "in_channels": in_channels}, "vae": p.vae, "text_encoder": p.text_encoder,
             "text_encoder_2": p.text_encoder_2}
 
 
@@ -182,7 +182,7 @@ def test_our_reader_gives_back_what_diffusers_saved(tmp_path):
 def full_size(preset: str, in_channels: int = 4) -> tuple[dict, dict]:
     p = PRESETS[preset]
     with torch.device("meta"):
-        models = {"unet": UNet2DConditionModel(**{**p.unet, "in_channels": in_channels}), "vae": AutoencoderKL(**p.vae),
+        models = {"unet": UNet2DConditionModel(**{**p.denoiser, "in_channels": in_channels}), "vae": AutoencoderKL(**p.vae),
                   "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**p.text_encoder_2))}
         if p.text_encoder is not None:
             models["text_encoder"] = CLIPTextModel(CLIPTextConfig(**p.text_encoder))
@@ -206,7 +206,7 @@ def test_full_size_file_is_what_diffusers_expects(preset, in_channels, diffusers
     expected_family = "sdxl" if preset == "sdxl" else "sdxl-refiner"
     assert (found["family"], found["in_channels"]) == (expected_family, in_channels)
     assert found["inpainting"] == (in_channels == 9)
-    unet = PRESETS[preset].unet
+    unet = PRESETS[preset].denoiser
     assert found["cross_attention_dim"] == unet["cross_attention_dim"]
     assert found["projection_class_embeddings_input_dim"] == unet["projection_class_embeddings_input_dim"]
     assert found["text_encoders"] == (("text_encoder", "text_encoder_2") if preset == "sdxl" else ("text_encoder_2",))
@@ -262,7 +262,7 @@ def test_the_sd_reader_sends_sdxl_files_here_and_back():
     base = export(state_dicts(diffusers_models("tiny-sdxl")), "tiny-sdxl")
     p = PRESETS["tiny-sdxl"]
     with pytest.raises(CheckpointError, match="single_file_sdxl.original_to_diffusers"):
-        single_file.original_to_diffusers(base, p.unet, p.vae, "clip")
+        single_file.original_to_diffusers(base, p.denoiser, p.vae, "clip")
     sd_file = {k: v for k, v in base.items() if k.startswith((UNET, VAE)) and "label_emb" not in k}
     with pytest.raises(CheckpointError, match="not an SDXL checkpoint.*single_file.original_to_diffusers"):
         original_to_diffusers(sd_file, configs("tiny-sdxl"))
@@ -312,7 +312,7 @@ def test_files_and_configs_that_disagree_are_refused():
     with pytest.raises(CheckpointError, match="no second text encoder"):
         original_to_diffusers(without_bigg, {**configs("tiny-sdxl"), "text_encoder_2": None})
     # an SD U-Net config (no added conditioning) does not describe label_emb
-    sd_unet = {k: v for k, v in PRESETS["tiny-sdxl"].unet.items() if not k.startswith(("addition", "projection"))}
+    sd_unet = {k: v for k, v in PRESETS["tiny-sdxl"].denoiser.items() if not k.startswith(("addition", "projection"))}
     with pytest.raises(CheckpointError, match=r"does not describe model\.diffusion_model\.label_emb\.0\.0\.bias"):
         original_to_diffusers(base, {**configs("tiny-sdxl"), "unet": sd_unet})
     deeper = {**PRESETS["tiny-sdxl"].text_encoder_2, "num_hidden_layers": 4}
@@ -323,4 +323,4 @@ def test_files_and_configs_that_disagree_are_refused():
     no_projection = {k: v for k, v in sds["text_encoder_2"].items() if k != "text_projection.weight"}
     with pytest.raises(CheckpointError, match="text_projection.weight"):
         texts = {"text_encoder": sds["text_encoder"], "text_encoder_2": no_projection}
-        diffusers_to_original(sds["unet"], sds["vae"], texts, PRESETS["tiny-sdxl"].unet, PRESETS["tiny-sdxl"].vae)
+        diffusers_to_original(sds["unet"], sds["vae"], texts, PRESETS["tiny-sdxl"].denoiser, PRESETS["tiny-sdxl"].vae)

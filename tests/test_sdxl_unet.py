@@ -13,7 +13,7 @@ from ldmcore.presets import PRESETS
 from ldmcore.unet import UNet
 from ldmcore.weights import CheckpointError
 
-TINY = {"base": PRESETS["tiny-sdxl"].unet, "refiner": PRESETS["tiny-sdxl-refiner"].unet}
+TINY = {"base": PRESETS["tiny-sdxl"].denoiser, "refiner": PRESETS["tiny-sdxl-refiner"].denoiser}
 SMALL_CONTROL = dict(conditioning_embedding_out_channels=(4, 8, 16))  # 4x: the tiny VAE's factor
 
 
@@ -73,7 +73,7 @@ def test_folders_load_both_ways(tmp_path):
 
 @pytest.mark.parametrize("name", ["sdxl", "sdxl-refiner"])
 def test_full_size_state_dict_matches_diffusers(name):
-    cfg = PRESETS[name].unet
+    cfg = PRESETS[name].denoiser
     with torch.device("meta"):  # keys, order and shapes only
         ref = UNet2DConditionModel(**cfg).state_dict()
         ours = UNet.from_config(dict(cfg)).state_dict()
@@ -99,7 +99,7 @@ def test_added_conditioning_is_required_exactly_for_sdxl():
         ours(x, t, ctx, added_cond_kwargs={**added, "time_ids": added["time_ids"][:, :5]})
     with pytest.raises(ValueError, match=r"time_ids has shape \(6,\)"):
         ours(x, t, ctx, added_cond_kwargs={**added, "time_ids": added["time_ids"][0]})
-    sd = UNet.from_config(dict(PRESETS["tiny"].unet)).eval()
+    sd = UNet.from_config(dict(PRESETS["tiny"].denoiser)).eval()
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 9, 32)
     with pytest.raises(ValueError, match="no addition_embed_type"):
         sd(x, t, ctx, added_cond_kwargs=added)
@@ -181,7 +181,7 @@ def test_controlnet_folders_load_both_ways(tmp_path):
 
 def test_full_size_controlnet_state_dict_matches_diffusers():
     with torch.device("meta"):
-        cfg = ControlNetConfig.from_unet_config(UNet.from_config(dict(PRESETS["sdxl"].unet)).config)
+        cfg = ControlNetConfig.from_unet_config(UNet.from_config(dict(PRESETS["sdxl"].denoiser)).config)
         ours, ref = ControlNet(cfg).state_dict(), ControlNetModel(**diffusers_kwargs(cfg)).state_dict()
     assert list(ours) == list(ref)
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}

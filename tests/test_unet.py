@@ -50,7 +50,7 @@ def inputs(cfg, b=2, h=16, w=16, seed=1):
 @pytest.mark.parametrize("name", ["sd15", "sd21", "sd21-base"])
 def test_real_family_state_dict_matches_diffusers(name):
     # Full-size architectures on the meta device: keys and shapes only, no memory.
-    cfg = PRESETS[name].unet
+    cfg = PRESETS[name].denoiser
     with torch.device("meta"):
         ref = UNet2DConditionModel(**cfg).state_dict()
         ours = UNet.from_config(dict(cfg)).state_dict()

@@ -51,7 +51,7 @@ def test_vae_method_trains_the_autoencoder_and_measures_its_scaling_factor(tmp_p
     assert trained.vae.config.scaling_factor != load_components(init).vae.config.scaling_factor
     # only the VAE trained: the U-Net and text encoder are the initial ones, bit for bit
     start = load_components(init, dtype=torch.float32)
-    assert all(torch.equal(a, b) for a, b in zip(start.unet.state_dict().values(), trained.unet.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(start.denoiser.state_dict().values(), trained.denoiser.state_dict().values()))
     assert (out / "checkpoints" / "step_00000030" / "model" / "model_index.json").is_file()
 
 
@@ -67,7 +67,7 @@ def test_base_build_runs_every_stage_once_and_reuses_the_result(tmp_path, monkey
     vae_stage = load_components(base.parent / "vae" / "model", dtype=torch.float32)
     # the base holds the trained VAE of stage 1 and the U-Net of stage 2 (trained away from its init)
     assert all(torch.equal(a, b) for a, b in zip(parts.vae.state_dict().values(), vae_stage.vae.state_dict().values()))
-    assert any(not torch.equal(a, b) for a, b in zip(parts.unet.state_dict().values(), vae_stage.unet.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(parts.denoiser.state_dict().values(), vae_stage.denoiser.state_dict().values()))
     assert "zorb" in parts.tokenizer.get_vocab() or "zorb</w>" in parts.tokenizer.get_vocab()
     # the U-Net's captions never hold the held-out shape
     truth = (tmp_path / "data" / "tiny-world" / "base" / "truth.jsonl").read_text()

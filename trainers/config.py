@@ -16,15 +16,9 @@ from typing import Literal, Optional, Sequence, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from data_tools.config import DataConfig
+from data_tools.config import DataConfig, ModelConfig
 from data_tools.schema import Strict, load_config
 
-
-
-class ModelConfig(Strict):
-    path: str  # a diffusers folder or an original single file (.safetensors / .ckpt)
-    tokenizer: Optional[str] = None  # single files carry none: a tokenizer/ folder of any SD 1.x/2.x model
-    prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = None  # override the checkpoint's
 
 
 class OptimizerConfig(Strict):
@@ -64,6 +58,13 @@ class LossConfig(Strict):
     noise_offset: float = Field(0.0, ge=0)  # extra per-channel offset noise, helps very dark/bright images
     input_perturbation: float = Field(0.0, ge=0)  # noise added to the model input only (Ning et al. 2023)
     caption_dropout: float = Field(0.0, ge=0, le=1)  # share of captions replaced by the empty prompt (for CFG)
+    # flow-matching models (Flux): how training sigmas are drawn and weighed (ldmcore.flow)
+    timestep_sampling: Optional[Literal["uniform", "logit_normal"]] = None  # None: logit-normal for flow models
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    # None: the scheduler's own shift (Flux.1-dev: by resolution); "none"; "resolution"; or a fixed shift
+    timestep_shift: Optional[Union[Literal["none", "resolution"], float]] = None
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"  # per-sigma loss weights (SD3 paper's names)
 
 
 class LoraConfig(Strict):
@@ -82,8 +83,8 @@ class ValidationConfig(Strict):
     prompts: list[str] = []
     seeds: list[int] = [0]
     steps: int = Field(20, ge=1)
-    guidance_scale: float = 7.5
-    sampler: Literal["ddpm", "ddim", "euler", "dpmpp_2m"] = "dpmpp_2m"
+    guidance_scale: Optional[float] = None  # None: the model family's default (SD 7.5, SDXL 5, Flux 3.5)
+    sampler: Optional[Literal["ddpm", "ddim", "euler", "dpmpp_2m"]] = None  # None: the model's own default
     loss_timesteps: list[int] = [100, 300, 500, 700, 900]  # validation loss at fixed timesteps
     heldout: int = Field(0, ge=0)  # images kept out of training for the validation loss
 
@@ -98,7 +99,7 @@ class DreamBoothConfig(Strict):
     prior_loss_weight: float = Field(1.0, ge=0)
     num_class_images: int = Field(100, ge=0)  # the base draws the rest when data.class_path has fewer
     class_steps: int = Field(25, ge=1)  # sampling steps for generated class images
-    class_guidance_scale: float = 7.5
+    class_guidance_scale: Optional[float] = None  # None: the model family's default
     class_batch_size: int = Field(4, ge=1)  # with train.seed, fixes which picture each index gets
 
 

@@ -28,16 +28,16 @@ class ControlNetMethod(Method):
                 "data.cache.control=canny (edges of each training image) or data.cache.control=folder "
                 "with data.cache.control_dir holding one map per image"
             )
-        if components.unet.config.in_channels != 4:
+        if components.denoiser.config.in_channels != 4:
             raise ConfigError(
-                f"model.path: the U-Net has in_channels={components.unet.config.in_channels} (an inpainting model?); "
+                f"model.path: the U-Net has in_channels={components.denoiser.config.in_channels} (an inpainting model?); "
                 "method controlnet needs a text-to-image base with 4 input channels"
             )
         self.controlnet: ControlNet | None = None
         self.validation_control: Image.Image | None = None
 
     def build(self) -> None:
-        c, unet = self.config.controlnet, self.components.unet
+        c, unet = self.config.controlnet, self.components.denoiser
         if c.init:
             cn = ControlNet.from_pretrained(c.init, dtype=unet.dtype, device=unet.device)
             differ = [k for k in SHARED_KEYS if getattr(cn.config, k) != getattr(unet.config, k)]
@@ -77,7 +77,7 @@ class ControlNetMethod(Method):
         down, mid = models["controlnet"](noisy_latents, timesteps, controlnet_cond=cond, **inputs)
         # accelerate returns a prepared module's outputs in float32; the frozen U-Net's skips they are
         # added to are in the mixed-precision dtype, and CPU ops refuse the mix
-        dtype = self.components.unet.dtype
+        dtype = self.components.denoiser.dtype
         return {"down_block_additional_residuals": [d.to(dtype) for d in down],
                 "mid_block_additional_residual": mid.to(dtype)}
 

@@ -74,7 +74,7 @@ class DreamBoothMethod(Method):
 
         data, db, state = self.config.data, self.config.dreambooth, process_state()
         if state.is_main_process:
-            self.components.unet.to(device)  # the VAE and text encoder are there already
+            self.components.denoiser.to(device)  # the VAE and text encoder are there already
             with torch.no_grad():
                 ensure_class_images(self.components, data.class_prompt, data.class_path, db.num_class_images,
                                     seed=self.config.train.seed, batch_size=db.class_batch_size,

@@ -1,12 +1,14 @@
-"""The full fine-tune: every U-Net weight trains; the VAE and the text encoder stay as they were.
+"""The full fine-tune: every weight of the denoiser (the U-Net, or Flux's transformer) trains; the
+VAE and the text encoders stay as they were.
 
-What it writes:
-- at the end, into output_dir: `model/`, a complete diffusers folder (the trained U-Net with the
-  base's VAE, text encoder, tokenizer and scheduler), and `model.safetensors`, the same model as one
-  original-layout file (A1111, ComfyUI, diffusers' from_single_file). With `train.ema_decay` the
-  U-Net in both is the EMA, as diffusers' own scripts publish it, and `model/unet_raw/` holds the
-  raw weights beside it (`UNet2DConditionModel.from_pretrained(".../model", subfolder="unet_raw")`).
-- into every checkpoint: `unet/`, a diffusers U-Net folder whose weights file is the checkpoint's
+What it writes (`unet/` below is `transformer/` for Flux: the family's denoiser folder):
+- at the end, into output_dir: `model/`, a complete diffusers folder (the trained denoiser with the
+  base's VAE, text encoders, tokenizers and scheduler), and `model.safetensors`, the same model as one
+  original-layout file (A1111, ComfyUI, diffusers' from_single_file; for Flux the transformer alone,
+  as Black Forest Labs ship it). With `train.ema_decay` the denoiser in both is the EMA, as diffusers'
+  own scripts publish it, and `model/unet_raw/` holds the raw weights beside it
+  (`UNet2DConditionModel.from_pretrained(".../model", subfolder="unet_raw")`).
+- into every checkpoint: `unet/`, a diffusers denoiser folder whose weights file is the checkpoint's
   own `trained.safetensors` (a hard link: no second copy of a model-sized file), and
   `training.json`. The complete export of a checkpoint is one command away:
 
@@ -26,7 +28,7 @@ from .method import Method
 
 TRAINED_FILE = "trained.safetensors"  # the loop's name for what trained_state_dict() returns
 INFO_FILE = "training.json"  # the run's metadata: base model, its hash, the whole config
-UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DENOISER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 class FullMethod(Method):
@@ -35,18 +37,18 @@ class FullMethod(Method):
     raw_weights: list[torch.Tensor] | None = None
 
     def build(self) -> None:
-        self.components.unet.requires_grad_(True)
+        self.components.denoiser.requires_grad_(True)
 
     # Checkpoints keep the U-Net under its diffusers names, so trained.safetensors is itself a
     # diffusers U-Net weights file that a checkpoint's unet/ folder links to.
     def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return dict(self.components.unet.named_parameters())
+        return dict(self.components.denoiser.named_parameters())
 
     def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
         folder = Path(folder)
         info = folder / INFO_FILE
         if (folder / TRAINED_FILE).is_file():  # a checkpoint: the weights are there already
-            written = [self._link_unet(folder), info]
+            written = [self._link_denoiser(folder), info]
         else:
             written = self._export_model(folder)
             written.append(info)
@@ -58,34 +60,35 @@ class FullMethod(Method):
         parts.save_pretrained(folder / "model")
         written = [folder / "model"]
         if self.raw_weights is not None:
-            names = [k for k, p in parts.unet.named_parameters() if p.requires_grad]  # parameters() order
-            _save_unet_folder(folder / "model" / "unet_raw", parts.unet.config.to_dict(),
+            names = [k for k, p in parts.denoiser.named_parameters() if p.requires_grad]  # parameters() order
+            _save_denoiser_folder(folder / "model" / f"{parts.family.denoiser_name}_raw", parts.denoiser.config.to_dict(),
                               dict(zip(names, self.raw_weights, strict=True)))
         if self.config.full.single_file:
             parts.save_single_file(folder / "model.safetensors")
             written.append(folder / "model.safetensors")
         return written
 
-    def _link_unet(self, folder: Path) -> Path:
-        unet = folder / "unet"
-        unet.mkdir(exist_ok=True)
-        (unet / "config.json").write_text(json.dumps(self.components.unet.config.to_dict(), indent=2) + "\n")
-        target = unet / UNET_WEIGHTS
+    def _link_denoiser(self, folder: Path) -> Path:
+        parts = self.components
+        denoiser = folder / parts.family.denoiser_name  # unet/ or transformer/
+        denoiser.mkdir(exist_ok=True)
+        (denoiser / "config.json").write_text(json.dumps(parts.denoiser.config.to_dict(), indent=2) + "\n")
+        target = denoiser / DENOISER_WEIGHTS
         target.unlink(missing_ok=True)
         try:
             os.link(folder / TRAINED_FILE, target)
         except OSError:  # a file system without hard links: pay for the copy
-            _save_unet_folder(unet, self.components.unet.config.to_dict(), self.trained_state_dict())
-        return unet
+            _save_denoiser_folder(denoiser, parts.denoiser.config.to_dict(), self.trained_state_dict())
+        return denoiser
 
 
-def _save_unet_folder(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> None:
-    """A diffusers U-Net folder (config.json + weights) from a state dict."""
+def _save_denoiser_folder(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> None:
+    """A diffusers U-Net or transformer folder (config.json + weights) from a state dict."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(folder / UNET_WEIGHTS),
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(folder / DENOISER_WEIGHTS),
               metadata={"format": "pt"})
 
 
@@ -97,8 +100,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ema
     its raw weights or, with `ema`, its EMA (then model/unet_raw/ holds the raw ones)."""
     from safetensors.torch import load_file
 
-    from ldmcore.checkpoints import load_components
-
     from .config import Config
     from .loop import make_method
 
@@ -108,8 +109,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ema
                                 "(output_dir/checkpoints/step_XXXXXXXX) of a full or DreamBooth full run")
     metadata = json.loads((checkpoint / INFO_FILE).read_text())
     config = Config.model_validate(json.loads(metadata["ldm_tune.config"]))
-    m = config.model
-    parts = load_components(m.path, dtype=torch.float32, tokenizer=m.tokenizer, prediction_type=m.prediction_type)
+    parts = config.model.load()
     method = make_method(config, parts)
     if not isinstance(method, FullMethod):
         raise ValueError(f"{checkpoint}: a {config.method} run that does not train the whole U-Net; "

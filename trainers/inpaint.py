@@ -34,7 +34,7 @@ class InpaintMethod(FullMethod):
                 "method: inpaint trains on cached masks, but data.cache.inpaint_masks is 0: set it to the number of "
                 "mask variants to cache per image (for example data.cache.inpaint_masks=4)"
             )
-        channels = components.unet.config.in_channels
+        channels = components.denoiser.config.in_channels
         if channels not in (LATENT_CHANNELS, INPAINT_CHANNELS):
             raise ConfigError(
                 f"model.path={config.model.path}: its U-Net takes {channels} input channels; method: inpaint starts "
@@ -47,7 +47,7 @@ class InpaintMethod(FullMethod):
         self.blank_latents: dict[tuple[int, int], torch.Tensor] = {}  # latent (h, w) -> (4, h, w)
 
     def build(self) -> None:
-        widen_conv_in(self.components.unet)  # no-op for an inpainting checkpoint
+        widen_conv_in(self.components.denoiser)  # no-op for an inpainting checkpoint
         super().build()
 
     # -- data ------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from data_tools.buckets import BucketBatchSampler
 from data_tools.schema import dump_config
 from data_tools.store import fingerprint
-from ldmcore.checkpoints import Components, load_components
+from ldmcore.checkpoints import Components
 
 from .batch import collate, to_device  # noqa: F401  (collate: re-exported for tests and bench/)
 from .config import Config
@@ -129,8 +129,7 @@ def train(config: Config) -> Path:
         output.mkdir(parents=True, exist_ok=True)
         dump_config(config, output / "config.yaml")
         accelerator.init_trackers("ldm-tune")
-    parts = load_components(config.model.path, dtype=torch.float32, tokenizer=config.model.tokenizer,
-                            prediction_type=config.model.prediction_type)
+    parts = config.model.load()
     if not parts.family.trainable:
         raise TrainingStopped(
             f"model.path={config.model.path} is an {parts.family.title}, which the training methods do not take "
@@ -155,7 +154,7 @@ def train(config: Config) -> Path:
 
     # Seeded right here: what the method initialises (LoRA's A matrices) must depend on the seed
     # only, not on whether building the cache above drew from the global generator.
-    base_hash = fingerprint(parts.unet)  # of the base weights, before the method changes anything
+    base_hash = fingerprint(parts.denoiser)  # of the base weights, before the method changes anything
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
@@ -163,13 +162,13 @@ def train(config: Config) -> Path:
         frozen.requires_grad_(False)
     method.build()
     weight_dtype = DTYPES[tc.mixed_precision]
-    for module in {"unet": parts.unet, **method.trained_modules()}.values():
+    for module in {"denoiser": parts.denoiser, **method.trained_modules()}.values():
         module.to(device)
         for p in module.parameters():  # the frozen base in low precision, trained weights in float32
             p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
         module.train()
     if tc.gradient_checkpointing:
-        parts.unet.set_gradient_checkpointing(True)
+        parts.denoiser.set_gradient_checkpointing(True)
 
     params = method.parameters()
     if not params:
@@ -426,13 +425,13 @@ def _validation_loss(models, method, dataset, heldout, parts, config, empty_text
             g = torch.Generator().manual_seed(int(np.random.SeedSequence([config.train.seed, i, t]).generate_state(1)[0]))
             latents = parts.vae.scale(batch["mean"])  # the posterior mean: no sampling noise
             noise = torch.randn(latents.shape, generator=g).to(device)
-            tt = torch.full((1,), t, device=device)
+            tt = torch.full((1,), schedule.fixed_timestep(t), device=device)
             text = method.encode_text(batch, torch.zeros(1, dtype=torch.bool, device=device), empty_text, models)
             inputs = parts.family.denoiser_inputs(text, batch.get("size"))
             noisy = schedule.add_noise(latents, noise, tt)
             kwargs = method.unet_kwargs(batch, noisy, tt, inputs, models)
             with autocast():
-                pred = models.get("unet", parts.unet)(kwargs.pop("sample", noisy), tt, **inputs, **kwargs)
+                pred = models.get("denoiser", parts.denoiser)(kwargs.pop("sample", noisy), tt, **inputs, **kwargs)
             losses.append(F.mse_loss(pred.float(), schedule.target(latents, noise, tt).float()).item())
     return float(np.mean(losses))
 
@@ -451,7 +450,7 @@ def _sample_grid(accelerator, method: Method, config: Config, output: Path, step
 
     if accelerator.is_main_process:
         vc = config.validation
-        unet = method.components.unet
+        unet = method.components.denoiser
         was_training = unet.training
         unet.eval()
         if torch.cuda.is_available():  # hand the activations' cached blocks to sampling

@@ -41,7 +41,7 @@ class Method:
 
     def trained_modules(self) -> dict[str, nn.Module]:
         """The modules holding trained parameters, by name; the loop prepares (wraps) these."""
-        return {"unet": self.components.unet}
+        return {"denoiser": self.components.denoiser}
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for m in self.trained_modules().values() for p in m.parameters() if p.requires_grad]
@@ -123,7 +123,7 @@ def diffusion_loss(models: dict, method: Method, batch: dict, parts: Components,
     """The denoising loss of one batch; the random draws of sample j come from gens[j] (CPU)."""
     device = batch["mean"].device
     lc, schedule = config.loss, parts.schedule
-    per_sample_shape = batch["mean"].shape[1:]  # (4, h, w)
+    per_sample_shape = batch["mean"].shape[1:]  # (c, h, w)
 
     def draw(fn):  # one draw per sample, stacked to a batch on the device
         return torch.stack([fn(g) for g in gens]).to(device)
@@ -131,7 +131,7 @@ def diffusion_loss(models: dict, method: Method, batch: dict, parts: Components,
     mean, std = batch["mean"].float(), batch["std"].float()  # (b, 4, h, w)
     latents = parts.vae.scale(mean + std * draw(lambda g: torch.randn(per_sample_shape, generator=g)))
     noise = draw(lambda g: torch.randn(per_sample_shape, generator=g))
-    t = draw(lambda g: torch.randint(0, schedule.num_train_timesteps, (), generator=g))  # (b,)
+    t = draw(lambda g: schedule.draw_timestep(g, per_sample_shape, lc))  # (b,)
     if lc.noise_offset:
         noise = noise + lc.noise_offset * draw(lambda g: torch.randn(per_sample_shape[0], 1, 1, generator=g))
     input_noise = noise
@@ -145,21 +145,14 @@ def diffusion_loss(models: dict, method: Method, batch: dict, parts: Components,
         drop = draw(lambda g: torch.rand((), generator=g) < lc.caption_dropout)
     text = method.encode_text(batch, drop, empty_text, models)  # {"hidden": (b, tokens, width), ...}
     inputs = parts.family.denoiser_inputs(text, batch.get("size"))
-    unet = models.get("unet", parts.unet)
+    denoiser = models.get("denoiser", parts.denoiser)
 
     kwargs = method.unet_kwargs(batch, noisy, t, inputs, models)
     sample = kwargs.pop("sample", noisy)
-    pred = unet(sample, t, **inputs, **kwargs)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (b,)
+    pred = denoiser(sample, t, **inputs, **kwargs)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))  # (b,)
 
-    weights = torch.ones_like(per_sample)
-    if lc.min_snr_gamma:
-        snr = schedule.snr(t).to(device)
-        capped = snr.clamp(max=lc.min_snr_gamma)
-        if schedule.prediction_type == "v_prediction":
-            weights = capped / (snr + 1)
-        else:  # epsilon: min(snr, gamma) / snr; zero-terminal-SNR timesteps (snr = 0) keep weight 1
-            weights = torch.where(snr > 0, capped / snr.clamp(min=1e-12), torch.ones_like(snr))
+    weights = schedule.loss_weights(t, lc).to(per_sample)
     extra = method.sample_weights(batch)
     if extra is not None:
         weights = weights * extra.to(weights)

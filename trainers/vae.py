@@ -73,7 +73,7 @@ class VaeMethod(Method):
         parts = self.components
         parts.vae.config = dataclasses.replace(parts.vae.config, scaling_factor=self.measured_scaling_factor())
         target = folder / "model"
-        dtypes = {m: next(m.parameters()).dtype for m in (parts.unet, *parts.text_encoders.values())}
+        dtypes = {m: next(m.parameters()).dtype for m in (parts.denoiser, *parts.text_encoders.values())}
         for m in dtypes:  # the frozen parts may sit in low precision during training
             m.to(torch.float32)
         parts.save_pretrained(target)

@@ -238,7 +238,7 @@ def check_inpaint(setup: Setup) -> dict:
 
     base = load(setup.base)
     widened = copy.deepcopy(base)
-    widen_conv_in(widened.unet)  # the new channels' weights are zero: the base, blind to the picture
+    widen_conv_in(widened.denoiser)  # the new channels' weights are zero: the base, blind to the picture
     before = measure(widened)
     after = measure(load(setup.train("inpaint", "inpaint", pictures) / "model"))
     floor = vae_round_trip_change(base, originals, [region for _, region, _ in items])

@@ -83,8 +83,8 @@ def main(argv=None) -> int:
     tuned = with_lora(base, kohya)
     after = {"trigger": score(tuned, trigger_asks, seeds), "plain": score(tuned, plain_asks, seeds[:1])}
     # the two exported formats must be the same adapter
-    same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned.unet.state_dict().values(),
-                                                               with_lora(base, peft).unet.state_dict().values()))
+    same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned.denoiser.state_dict().values(),
+                                                               with_lora(base, peft).denoiser.state_dict().values()))
 
     rows = [before["trigger"].pictures[0], after["trigger"].pictures[0],
             before["plain"].pictures[0][:6], after["plain"].pictures[0][:6]]
