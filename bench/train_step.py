@@ -277,7 +277,7 @@ def loop_worker(args) -> dict:
         data_s = time.perf_counter() - start
         gens = sample_generators(0, k, torch.tensor(idx))
         with precision(device, dtype):
-            loss = diffusion_loss({"unet": unet}, method, batch, parts, config, empty_text, gens)
+            loss = diffusion_loss({"denoiser": unet}, method, batch, parts, config, empty_text, gens)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -73,10 +73,12 @@ def ensure_class_images(
     steps: int = 30,
     guidance_scale: float | None = None,
     sampler: str | None = None,
+    size: int | None = None,
     progress: bool = True,
 ) -> list[Path]:
     """Generate images of `class_prompt` until `folder` holds `count` readable images; return
-    `count` of them: generated ones by index, then the others by name.
+    `count` of them: generated ones by index, then the others by name. `size`: their side in pixels
+    (the training resolution; None: the model's default).
 
     Image i comes from batch i // batch_size, drawn whole with seed `batch_seed(seed, batch)`, so
     with the same seed and batch size a missing index is redrawn pixel for pixel; a batch with a
@@ -112,7 +114,7 @@ def ensure_class_images(
         for batch, indices in batches.items():
             images = generate(
                 components, [class_prompt] * batch_size, seed=batch_seed(seed, batch),
-                steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                steps=steps, guidance_scale=guidance_scale, sampler=sampler, height=size, width=size,
             )
             for i in indices:
                 ours[i] = _write_atomically(images[i - batch * batch_size], folder / class_image_name(i))

@@ -50,6 +50,8 @@ class Family:
     denoiser_name: ClassVar[str] = "unet"
     #: pixel sides must be multiples of the VAE's factor times this (Flux packs 2x2 latent patches)
     latent_multiple: ClassVar[int] = 1
+    #: the text encoders a LoRA may train (lora.text_encoder)
+    lora_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     #: whether the original single file holds the denoiser alone (Flux: the VAE and text encoders ship apart)
     single_file_denoiser_only: ClassVar[bool] = False
     #: the guidance scale generation uses when none is asked (diffusers' pipelines' defaults)
@@ -103,9 +105,11 @@ class Family:
         embedded guidance of a guidance-distilled model (None: the value it trains with)."""
         raise NotImplementedError
 
-    def cfg_scale(self, guidance_scale: float) -> float:
-        """The classifier-free guidance scale that a generation's `guidance_scale` means; guidance-
-        distilled families embed the value instead and run one pass (1.0)."""
+    def cfg_scale(self, guidance_scale: float, true_cfg_scale: float = 1.0) -> float:
+        """The classifier-free guidance scale of a generation: `guidance_scale` here; guidance-distilled
+        families embed that value instead and guide with the negative prompt only by `true_cfg_scale`."""
+        if true_cfg_scale != 1.0:
+            raise ValueError(f"true_cfg_scale is for Flux; {self.title} guides by guidance_scale")
         return guidance_scale
 
     # -- files -----------------------------------------------------------------------------------
@@ -268,6 +272,7 @@ class Flux(Family):
     denoiser_name = "transformer"
     latent_multiple = 2
     default_guidance_scale = 3.5  # dev's embedded guidance; schnell ignores it
+    lora_text_encoders = ("text_encoder",)  # CLIP-L, as kohya and ai-toolkit train it; T5-XXL stays frozen
     single_file_denoiser_only = True
 
     def __init__(self, name: str, guidance_embeds: bool, max_sequence_length: int, training_guidance: float = 1.0):
@@ -309,8 +314,8 @@ class Flux(Family):
             inputs["guidance"] = torch.full((text["hidden"].shape[0],), float(value), device=text["hidden"].device)
         return inputs
 
-    def cfg_scale(self, guidance_scale: float) -> float:
-        return 1.0
+    def cfg_scale(self, guidance_scale: float, true_cfg_scale: float = 1.0) -> float:
+        return true_cfg_scale  # diffusers' FluxPipeline: real guidance only when asked, beside the embedded one
 
     def from_original(self, state, configs):
         from .single_file_flux import original_to_diffusers

@@ -57,6 +57,7 @@ def generate(
     width: int | None = None,
     steps: int = 30,
     guidance_scale: float | None = None,
+    true_cfg_scale: float = 1.0,
     sampler: str | None = None,
     karras: bool = False,
     eta: float = 0.0,
@@ -79,7 +80,9 @@ def generate(
     The text and size conditioning are the model family's (`components.family`): for SDXL the
     pooled embedding and the size ids (original = target = the asked size, no crop), and an empty
     negative prompt conditions on zeros, as diffusers' SDXL pipelines do by default. Guidance-distilled
-    Flux.1-dev embeds `guidance_scale` and runs one pass per step; schnell ignores it. Without a
+    Flux.1-dev embeds `guidance_scale` and runs one pass per step; schnell ignores it. On Flux,
+    `true_cfg_scale` > 1 adds classifier-free guidance with the negative prompt (diffusers'
+    FluxPipeline's `true_cfg_scale`): what a flow model without guidance distillation needs. Without a
     `guidance_scale` the family's default applies (SD 7.5, SDXL 5.0, Flux 3.5, as diffusers' pipelines).
 
     The objective is the schedule's (`components.schedule`): the discrete DDPM schedules sample with
@@ -116,7 +119,7 @@ def generate(
 
     if guidance_scale is None:
         guidance_scale = family.default_guidance_scale
-    cfg_scale = family.cfg_scale(guidance_scale)
+    cfg_scale = family.cfg_scale(guidance_scale, true_cfg_scale)
     encoder = components.prompt_encoder(clip_skip=clip_skip)
     cond = encoder(prompts)  # {"hidden": (b, tokens, width), ["pooled": (b, p)]}
     uncond = encoder(negatives) if cfg_scale != 1.0 else cond

@@ -163,7 +163,7 @@ def test_full_run_resumes_exactly_and_exports_ema_and_raw_weights_that_diffusers
     for name in frozen:
         for k, v in getattr(base_parts, name).state_dict().items():
             assert torch.equal(getattr(folder, name).state_dict()[k], v), f"{name}.{k}"
-    for name in ("unet", *frozen):
+    for name in ("denoiser", *frozen):
         a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     from_single = pipeline.from_single_file(str(out / "model.safetensors"), config=str(out / "model"),
@@ -220,14 +220,14 @@ def test_prior_loss_weight_weighs_the_class_samples(world, class_folder):
     losses = {}
     for w in (0.0, 1.0, 2.5):
         method.config.dreambooth.prior_loss_weight = w
-        losses[w] = method.loss({"unet": unet}, dict(batch), empty, gens()).item()
+        losses[w] = method.loss({"denoiser": unet}, dict(batch), empty, gens()).item()
 
     # the reference: each sample's loss on its own, the class sample drawn from its instance's seed
     plain = Method(method.config, method.components)
 
     def one(item, g):
         single = to_device(collate([item]), "cpu")
-        return diffusion_loss({"unet": unet}, plain, single, method.components, method.config, empty, [g]).item()
+        return diffusion_loss({"denoiser": unet}, plain, single, method.components, method.config, empty, [g]).item()
 
     pool = sorted(i for p in method.class_items.values() for i in p)
     instance, prior = [], []

@@ -129,3 +129,19 @@ def test_flux_refuses_what_does_not_fit(base):
         generate(parts, "a red circle", steps=2, height=36, width=32)
     with pytest.raises(ValueError, match="clip_skip"):
         generate(parts, "a red circle", steps=2, clip_skip=1)
+
+
+def test_true_cfg_matches_diffusers(base):
+    """Classifier-free guidance with a negative prompt on top of (or, for schnell, instead of) the embedded
+    guidance, as FluxPipeline's true_cfg_scale."""
+    parts, folder = base
+    pipe = diffusers_pipe(folder)
+    kw = dict(num_inference_steps=4, guidance_scale=3.5, height=32, width=32, output_type="latent",
+              max_sequence_length=parts.family.max_sequence_length)
+    expected = pipe("a red circle", negative_prompt="blue square", true_cfg_scale=4.0,
+                    generator=torch.Generator().manual_seed(5), **kw).images
+    ours = generate(parts, "a red circle", negative_prompt="blue square", true_cfg_scale=4.0, steps=4, seed=5,
+                    guidance_scale=3.5, height=32, width=32, output="latent")
+    assert rel_err(ours, unpacked(pipe, expected, 32)) < 1e-5
+    plain = generate(parts, "a red circle", steps=4, seed=5, guidance_scale=3.5, height=32, width=32, output="latent")
+    assert rel_err(plain, ours) > 1e-3

@@ -36,6 +36,8 @@ class TrainConfig(Strict):
     resume: Optional[str] = None  # "latest" or a checkpoint folder
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # the frozen base in low precision; trained weights fp32
+    # the frozen denoiser's linear layers in 4 (NF4) or 8 bits, QLoRA style (LoRA and ControlNet; bitsandbytes)
+    base_quantization: Optional[Literal["nf4", "int8"]] = None
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"

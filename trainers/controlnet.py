@@ -19,6 +19,7 @@ FOLDER, SINGLE_FILE = "controlnet", "controlnet.safetensors"
 
 class ControlNetMethod(Method):
     name = "controlnet"
+    frozen_denoiser = True
 
     def __init__(self, config, components):
         super().__init__(config, components)

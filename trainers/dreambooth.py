@@ -78,7 +78,8 @@ class DreamBoothMethod(Method):
             with torch.no_grad():
                 ensure_class_images(self.components, data.class_prompt, data.class_path, db.num_class_images,
                                     seed=self.config.train.seed, batch_size=db.class_batch_size,
-                                    steps=db.class_steps, guidance_scale=db.class_guidance_scale, progress=progress)
+                                    steps=db.class_steps, guidance_scale=db.class_guidance_scale,
+                                    size=_class_image_side(self.components, data.resolution), progress=progress)
         state.wait_for_everyone()
 
     # -- one step ------------------------------------------------------------------------------
@@ -146,6 +147,12 @@ def check_config(config) -> None:
 def class_seed(instance_seed: int) -> int:
     """The seed of the class sample paired with an instance sample: a hash of the instance's seed."""
     return int(np.random.SeedSequence([instance_seed, 1]).generate_state(1, np.uint64)[0])
+
+
+def _class_image_side(components, resolution: int) -> int:
+    """Class images are drawn at the training resolution, rounded down to what the model can draw."""
+    multiple = components.vae_scale_factor * components.family.latent_multiple
+    return max(multiple, resolution // multiple * multiple)
 
 
 class InstanceImages(Dataset):

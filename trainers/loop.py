@@ -25,6 +25,7 @@ from data_tools.buckets import BucketBatchSampler
 from data_tools.schema import dump_config
 from data_tools.store import fingerprint
 from ldmcore.checkpoints import Components
+from ldmcore.quantize import is_quantized, quantize_linears
 
 from .batch import collate, to_device  # noqa: F401  (collate: re-exported for tests and bench/)
 from .config import Config
@@ -141,6 +142,9 @@ def train(config: Config) -> Path:
     for model in (parts.vae, *parts.text_encoders.values()):
         model.to(device)
     dataset, keys = method.dataset(device, progress=main)
+    if method.cached_text:  # the steps read the cache: the encoders leave the device (Flux's T5 alone is 9 GB)
+        for model in (parts.vae, *parts.text_encoders.values()):
+            model.to("cpu")
     # what a dropped caption conditions on (SDXL: zeros), unbatched
     empty_text = parts.family.empty_text(to_device(dataset.empty_text(), device))
     # the last `validation.heldout` images in key order are kept out of training for the validation loss
@@ -160,12 +164,19 @@ def train(config: Config) -> Path:
     torch.manual_seed(tc.seed)
     for frozen in parts.models:  # a method unfreezes what it trains
         frozen.requires_grad_(False)
-    method.build()
     weight_dtype = DTYPES[tc.mixed_precision]
+    if tc.base_quantization:
+        if not method.frozen_denoiser:
+            raise TrainingStopped(f"train.base_quantization={tc.base_quantization} quantises the frozen base, but the "
+                                  f"{method.name} method trains the denoiser's own weights; use LoRA or ControlNet, "
+                                  "or remove train.base_quantization")
+        quantize_linears(parts.denoiser, tc.base_quantization, compute_dtype=weight_dtype)
+    method.build()
     for module in {"denoiser": parts.denoiser, **method.trained_modules()}.values():
-        module.to(device)
+        module.to(device)  # (bitsandbytes quantises a quantised base's weights here)
         for p in module.parameters():  # the frozen base in low precision, trained weights in float32
-            p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
+            if not is_quantized(p):
+                p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
         module.train()
     if tc.gradient_checkpointing:
         parts.denoiser.set_gradient_checkpointing(True)
@@ -449,18 +460,26 @@ def _sample_grid(accelerator, method: Method, config: Config, output: Path, step
     from PIL import Image
 
     if accelerator.is_main_process:
-        vc = config.validation
-        unet = method.components.denoiser
-        was_training = unet.training
-        unet.eval()
+        vc, parts = config.validation, method.components
+        denoiser = parts.denoiser
+        was_training = denoiser.training
+        denoiser.eval()
         if torch.cuda.is_available():  # hand the activations' cached blocks to sampling
             torch.cuda.empty_cache()
         images = []
-        with autocast():
-            for seed in vc.seeds:
-                images += method.generate(vc.prompts, seed, steps=vc.steps, guidance_scale=vc.guidance_scale,
-                                          sampler=vc.sampler)
-        unet.train(was_training)
+        # the encoders that left the device after the cache come back for the sampling
+        frozen = [m for m in (parts.vae, *parts.text_encoders.values()) if m.device != denoiser.device]
+        for model in frozen:
+            model.to(denoiser.device)
+        try:
+            with autocast():
+                for seed in vc.seeds:
+                    images += method.generate(vc.prompts, seed, steps=vc.steps, guidance_scale=vc.guidance_scale,
+                                              sampler=vc.sampler)
+        finally:
+            for model in frozen:
+                model.to("cpu")
+        denoiser.train(was_training)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         w, h = images[0].size

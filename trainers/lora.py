@@ -25,24 +25,29 @@ class LoraMethod(Method):
         )
         self.cached_text = not c.text_encoder
 
+    frozen_denoiser = True
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders whose LoRA trains (with lora.text_encoder): the family's CLIP ones (Flux's T5 stays frozen)."""
+        if not self.settings.text_encoder:
+            return {}
+        parts = self.components
+        return {name: parts.text_encoders[name] for name in parts.family.lora_text_encoders if name in parts.text_encoders}
+
     def build(self) -> None:
-        add_lora(self.components.unet, self.settings)
-        if self.settings.text_encoder:
-            for encoder in self.components.text_encoders.values():
-                add_lora(encoder, self.settings, text_encoder=True)
+        add_lora(self.components.denoiser, self.settings)
+        for encoder in self.text_encoders().values():
+            add_lora(encoder, self.settings, text_encoder=True)
 
     def trained_modules(self) -> dict[str, nn.Module]:
-        modules = {"unet": self.components.unet}
-        if self.settings.text_encoder:
-            modules |= self.components.text_encoders
-        return modules
+        return {"denoiser": self.components.denoiser, **self.text_encoders()}
 
     def encode_text(self, batch, drop, empty_text, models):
         if not self.settings.text_encoder:
             return super().encode_text(batch, drop, empty_text, models)
         # the text encoders train: encode the captions live, through the prepared (synchronised) modules
         parts, data = self.components, self.config.data
-        live = dataclasses.replace(parts, **{name: models[name] for name in parts.text_encoders})
+        live = dataclasses.replace(parts, **{name: models[name] for name in self.text_encoders()})
         captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
         text = live.prompt_encoder(data.clip_skip, data.max_windows)(captions)
         if parts.family.zero_empty_prompt:  # a dropped caption is zeros there, not the encoded ""
@@ -51,11 +56,11 @@ class LoraMethod(Method):
 
     def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
         parts = self.components
-        unet_sd = lora_state_dict(parts.unet)
+        unet_sd = lora_state_dict(parts.denoiser)
         texts = {name: lora_state_dict(model) if self.settings.text_encoder else None
                  for name, model in parts.text_encoders.items()}
         # the U-Net's config names the family and, for SDXL, the original module names kohya files use
-        kwargs = dict(text_2_sd=texts.get("text_encoder_2"), unet_config=parts.unet.config)
+        kwargs = dict(text_2_sd=texts.get("text_encoder_2"), unet_config=parts.denoiser.config)
         meta = {**metadata, "trigger_words": ",".join(self.config.lora.trigger_words)}
         save_diffusers(folder / DIFFUSERS_FILE, unet_sd, texts.get("text_encoder"), meta, settings=self.settings,
                        **kwargs)

@@ -28,6 +28,8 @@ class Method:
     name = "base"
     #: whether the text embeddings come from the cache (False when the text encoder trains)
     cached_text = True
+    #: whether the denoiser's own weights stay frozen (then train.base_quantization may quantise them)
+    frozen_denoiser = False
 
     def __init__(self, config: Config, components: Components):
         self.config = config

@@ -3,7 +3,8 @@
 This is how the tiny world gets its VAE; it runs on the same loop as every other method, reading
 pictures instead of the latent cache (which needs a finished VAE). The export is a complete model
 folder whose VAE config carries a `scaling_factor` measured on the training pictures, so the
-latents a U-Net later trains on have unit variance, as SD's 0.18215 was chosen for its VAE.
+latents a U-Net later trains on have unit variance, as SD's 0.18215 was chosen for its VAE; a VAE
+with a `shift_factor` (SD3 / Flux) gets its measured mean there too, so they are also centred.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ class VaeMethod(Method):
         return loss + vc.kl_weight * posterior.kl().float().mean() / x[0].numel()
 
     @torch.no_grad()
-    def measured_scaling_factor(self) -> float:
-        """1 / the standard deviation of posterior samples over (up to) SCALE_SAMPLE training pictures."""
+    def measured_factors(self) -> tuple[float, float]:
+        """(mean, 1 / standard deviation) of posterior samples over (up to) SCALE_SAMPLE training pictures."""
         vae = self.components.vae
         was_training = vae.training
         vae.eval()
@@ -65,13 +66,15 @@ class VaeMethod(Method):
             z = vae.encode(x.to(vae.device, vae.dtype)).sample(g).double()
             first, second, count = first + z.sum().item(), second + z.pow(2).sum().item(), count + z.numel()
         vae.train(was_training)
-        variance = second / count - (first / count) ** 2
-        return float(1.0 / max(variance, 1e-12) ** 0.5)
+        mean = first / count
+        return float(mean), float(1.0 / max(second / count - mean ** 2, 1e-12) ** 0.5)
 
     def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
         """A complete model folder (diffusers layout) with the trained VAE in float32."""
         parts = self.components
-        parts.vae.config = dataclasses.replace(parts.vae.config, scaling_factor=self.measured_scaling_factor())
+        mean, scale = self.measured_factors()
+        shift = {} if parts.vae.config.shift_factor is None else {"shift_factor": mean}  # centred where the VAE shifts
+        parts.vae.config = dataclasses.replace(parts.vae.config, scaling_factor=scale, **shift)
         target = folder / "model"
         dtypes = {m: next(m.parameters()).dtype for m in (parts.denoiser, *parts.text_encoders.values())}
         for m in dtypes:  # the frozen parts may sit in low precision during training
