@@ -129,3 +129,58 @@ def test_real_width_file_is_read_by_diffusers(tmp_path):
     )
     loaded = ref.state_dict()
     assert set(loaded) == set(ours) and all(torch.equal(loaded[k], v) for k, v in ours.items())
+
+
+# -- a transformer file as a whole model: the rest from a folder (ldmcore.checkpoints) ----------------------
+
+
+@pytest.fixture(scope="module")
+def flux_folders(tmp_path_factory):
+    """A tiny dev and a tiny schnell diffusers folder, and each one's transformer as a BFL-layout file
+    written the way other tools ship it (no metadata of ours)."""
+    from ldmcore.checkpoints import Components
+    from ldmcore.text import build_word_tokenizer
+
+    root = tmp_path_factory.mktemp("flux_files")
+    out = {}
+    for preset, name in (("tiny-flux", "dev"), ("tiny-flux-schnell", "schnell")):
+        parts = Components.from_preset(preset, build_word_tokenizer(["a", "red", "circle"]), seed=0)
+        randomize_(parts.denoiser)
+        parts.save_pretrained(root / name)
+        state = diffusers_to_original(parts.denoiser.state_dict(), parts.denoiser.config)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(root / f"flux1-{name}.safetensors"))
+        out[name] = (root / name, root / f"flux1-{name}.safetensors", parts)
+    return out
+
+
+def test_a_transformer_file_loads_with_a_folders_vae_and_text_encoders(flux_folders):
+    from ldmcore.checkpoints import load_components
+
+    for name, (folder, file, parts) in flux_folders.items():
+        loaded = load_components(file, config=folder)
+        assert loaded.family.name == f"flux-{name}"
+        assert all(torch.equal(v, parts.denoiser.state_dict()[k]) for k, v in loaded.denoiser.state_dict().items())
+        assert loaded.text_encoder_2.__class__.__name__ == "T5EncoderModel" and loaded.tokenizer_2 is not None
+
+
+def test_a_transformer_file_alone_says_where_its_text_encoders_go(flux_folders):
+    from ldmcore.checkpoints import load_components
+
+    _, file, _ = flux_folders["dev"]
+    with pytest.raises(CheckpointError) as e:
+        load_components(file)
+    message = str(e.value)
+    assert str(file) in message and "config=" in message and "text_encoder_2/" in message and "FLUX.1-dev" in message
+
+
+def test_schnell_weights_with_dev_settings_are_refused_and_the_reverse(flux_folders):
+    from ldmcore.checkpoints import load_components
+
+    for weights, settings in (("schnell", "dev"), ("dev", "schnell")):
+        _, file, _ = flux_folders[weights]
+        folder = flux_folders[settings][0]
+        with pytest.raises(CheckpointError) as e:
+            load_components(file, config=folder)
+        message = str(e.value)
+        assert str(file) in message and f"Flux.1-{weights} weights" in message and f"Flux.1-{settings}'s settings" in message
+        assert f"Pass a Flux.1-{weights} folder" in message
