@@ -7,7 +7,7 @@
   .safetensors is written as an original single file, anything else as a diffusers folder.
 - `inspect FILE`: family, format, rank, alpha, targeted modules, text encoders, metadata.
 
-SD 1.x/2.x and SDXL files alike; `merge` refuses a LoRA for another family than BASE's.
+SD 1.x/2.x, SDXL and Flux.1 files alike; `merge` refuses a LoRA for another family than BASE's.
 
 Exit codes: 0 done, 2 a bad path, file or argument (one line on stderr, never a traceback).
 """
@@ -60,14 +60,15 @@ def run_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder")
-    # SDXL's second text encoder, and the U-Net layout the file was read with: SDXL's kohya names need it
-    extra = {"text_2_sd": lora.text_encoder_2, "unet_config": lora.unet_layout}
-    save_diffusers(out / DIFFUSERS_FILE, lora.unet, lora.text_encoder, lora.user, settings=settings, **extra)
+    # SDXL's second text encoder, and the denoiser layout the file was read with: SDXL's kohya names need it,
+    # and it names the family (the diffusers file's component, Flux's fused kohya names)
+    extra = {"text_2_sd": lora.text_encoder_2, "denoiser_config": lora.denoiser_layout}
+    save_diffusers(out / DIFFUSERS_FILE, lora.denoiser, lora.text_encoder, lora.user, settings=settings, **extra)
     print(f"wrote {out / DIFFUSERS_FILE}")
     if settings.use_dora:  # save_kohya refuses DoRA; say why instead of failing the whole export
         print(f"skipped {KOHYA_FILE}: DoRA adapters are written in the diffusers layout only")
         return 0
-    save_kohya(out / KOHYA_FILE, lora.unet, lora.text_encoder, settings, lora.user, **extra)
+    save_kohya(out / KOHYA_FILE, lora.denoiser, lora.text_encoder, settings, lora.user, **extra)
     print(f"wrote {out / KOHYA_FILE}")
     return 0
 
@@ -137,9 +138,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"format:        {d['format']}{' (DoRA)' if d['dora'] else ''}",
         f"rank:          {ranks}",
         f"alpha:         {d['alpha']:g} (scale {d['alpha'] / d['ranks'][0]:g} at rank {d['ranks'][0]})",
-        f"U-Net modules: {d['unet_modules']}{' (with conv layers)' if d['conv'] else ''}",
-        f"  by kind:     {counts(d['unet_kinds'])}",
-        f"  by block:    {counts(d['unet_blocks'])}",
+        f"{d['denoiser'] + ' modules:':<14} {d['denoiser_modules']}{' (with conv layers)' if d['conv'] else ''}",
+        f"  by kind:     {counts(d['denoiser_kinds'])}",
+        f"  by block:    {counts(d['denoiser_blocks'])}",
         f"text encoder:  {modules('text_encoder')}",
         *([f"text encoder 2: {modules('text_encoder_2')}"] if d["family"] == "SDXL" or d["text_encoder_2"] else []),
         f"settings:      {json.dumps(d['settings'])}",

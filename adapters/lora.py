@@ -1,7 +1,9 @@
-"""LoRA for the U-Net and the CLIP text encoders (SDXL's two as well), through peft.
+"""LoRA for the denoiser (a U-Net, or Flux's transformer) and the CLIP text encoders (SDXL's two as well,
+Flux's CLIP-L), through peft.
 
 `add_lora` wraps the chosen Linear / Conv2d layers in peft's LoRA layers in place (no PeftModel
-around the model: the trainer keeps calling the same U-Net) and freezes everything else.
+around the model: the trainer keeps calling the same denoiser) and freezes everything else; which
+layers a preset target names depends on the model (UNET_TARGETS, FLUX_TARGETS).
 `lora_state_dict` / `set_lora_state_dict` move the adapter weights in peft's key layout, which is
 also the layout of diffusers' files. The file formats live in lora_formats.py and are re-exported
 here; `merge_lora` folds a file into plain weights, `describe` says what a file holds.
@@ -27,10 +29,12 @@ from .lora_formats import (  # noqa: F401  (re-exported: the one import point fo
     LoraFile,
     bare_text_name,
     load_lora_file,
+    lora_family,
     save_diffusers,
     save_kohya,
     split_modules,
 )
+from .lora_formats import DENOISER
 
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 _FF = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
@@ -40,15 +44,29 @@ UNET_TARGETS = {
     "attention+ff": _ATTENTION + _FF,  # + the transformers' feed-forward and their in/out projections
     "all": _ATTENTION + _FF + _CONV,  # + the ResNet blocks and the resampling convs (conv LoRA, "LoCon")
 }
+# Flux: the double blocks' image and text projections, the single blocks' q/k/v (their attention output
+# goes through proj_out together with the MLP's)
+_FLUX_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                   "attn.add_v_proj", "attn.to_add_out")
+_FLUX_FF = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+            r"single_transformer_blocks\.\d+\.proj_out")
+_FLUX_REST = ("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear", "x_embedder",
+              "context_embedder", r"time_text_embed\..*", "proj_out")  # modulation, embedders, final layer
+FLUX_TARGETS = {
+    "attention": _FLUX_ATTENTION,
+    "attention+ff": _FLUX_ATTENTION + _FLUX_FF,  # + both streams' MLPs, the single blocks' MLP and output
+    "all": _FLUX_ATTENTION + _FLUX_FF + _FLUX_REST,  # every Linear layer
+}
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP self-attention, CLIP-L and bigG alike
 _REGEX_CHARS = set("*+?[](){}|^$\\")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSettings:
-    """What LoRA to add. `alpha` None means alpha = rank (scale 1). `targets` is a key of
-    UNET_TARGETS or a tuple of module-name suffixes ("attn2.to_k") or regular expressions matched
-    against whole module names ("down_blocks\\.0\\..*to_q"). `init` is peft's `init_lora_weights`."""
+    """What LoRA to add. `alpha` None means alpha = rank (scale 1). `targets` is a preset, "attention",
+    "attention+ff" or "all" (UNET_TARGETS or FLUX_TARGETS, as the model is), or a tuple of module-name
+    suffixes ("attn2.to_k") or regular expressions matched against whole module names
+    ("down_blocks\\.0\\..*to_q"). `init` is peft's `init_lora_weights`."""
 
     rank: int = 16
     alpha: float | None = None
@@ -106,10 +124,17 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+def denoiser_targets(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The preset targets for this denoiser: FLUX_TARGETS for a Flux transformer, else UNET_TARGETS."""
+    config = getattr(model, "config", None)
+    return FLUX_TARGETS if config is not None and lora_family(config) == "flux" else UNET_TARGETS
+
+
 def target_names(model: nn.Module, settings: LoraSettings, *, text_encoder: bool = False) -> list[str]:
     """The Linear / Conv2d modules of `model` that `settings` (or TEXT_TARGETS) select, in model order."""
     preset = text_encoder or isinstance(settings.targets, str)
-    patterns = TEXT_TARGETS if text_encoder else UNET_TARGETS.get(settings.targets, settings.targets)
+    presets = {} if text_encoder else denoiser_targets(model)
+    patterns = TEXT_TARGETS if text_encoder else presets.get(settings.targets, settings.targets)
     names, used = [], set()
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -130,15 +155,23 @@ def has_lora(model: nn.Module) -> bool:
     return bool(getattr(model, "peft_config", None))
 
 
+def _is_clip(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in ("clip_text_model", "clip")
+
+
 def add_lora(model: nn.Module, settings: LoraSettings, *, text_encoder: bool = False) -> list[str]:
     """Inject LoRA layers into `model` in place with peft, freeze every other parameter and return
-    the wrapped module names. `text_encoder=True`: `model` is a CLIP text encoder (CLIPTextModel, or
-    SDXL's CLIPTextModelWithProjection, whose projection stays frozen) and the targets are its
-    attention projections (TEXT_TARGETS), whatever `settings.targets` says."""
+    the wrapped module names. The preset targets follow the model (`denoiser_targets`). `text_encoder=True`:
+    `model` is a CLIP text encoder (CLIPTextModel, or SDXL's CLIPTextModelWithProjection, whose projection
+    stays frozen) and the targets are its attention projections (TEXT_TARGETS), whatever
+    `settings.targets` says."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if has_lora(model):
         raise ValueError(f"{type(model).__name__} already has LoRA layers; one adapter per model")
+    if text_encoder and not _is_clip(model):
+        raise ValueError(f"text encoder LoRA adapts CLIP text encoders, not {type(model).__name__}: Flux's T5 "
+                         "stays frozen, as in kohya's Flux LoRAs (diffusers' loader reads no T5 weights)")
     names = target_names(model, settings, text_encoder=text_encoder)
     config = LoraConfig(
         r=settings.rank,
@@ -206,18 +239,19 @@ def _layer(model: nn.Module, name: str) -> nn.Module | None:
     return None
 
 
-_WHAT = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_2": "second text encoder (text_encoder_2)"}
+_WHAT = {"text_encoder": "text encoder", "text_encoder_2": "second text encoder (text_encoder_2)"}
 
 
 def merge_lora(components, lora_path: str | os.PathLike, scale: float = 1.0) -> None:
-    """Fold a LoRA file (either format, SD 1.x/2.x or SDXL) into the weights of `components.unet` and,
-    where the file has them, `components.text_encoder` and `components.text_encoder_2`:
-    W += scale * (alpha / rank) * B @ A. A file for another family than the U-Net's is refused.
-    Nothing of peft stays."""
-    lora = load_lora_file(lora_path, unet_config=components.unet.config)
+    """Fold a LoRA file (either format; SD 1.x/2.x, SDXL or Flux.1) into the weights of
+    `components.denoiser` and, where the file has them, `components.text_encoder` and
+    `components.text_encoder_2`: W += scale * (alpha / rank) * B @ A. A file for another family than
+    the denoiser's is refused. Nothing of peft stays."""
+    lora = load_lora_file(lora_path, denoiser_config=components.denoiser.config)
+    what_is = {**_WHAT, "denoiser": DENOISER[lora.family]}
     plan = []
     for component, sd in lora.state_dicts().items():
-        model, what = getattr(components, component, None), _WHAT[component]
+        model, what = getattr(components, component, None), what_is[component]
         if model is None:
             raise CheckpointError(f"{lora_path}: the LoRA has weights for a {what}, which the model has not")
         if has_lora(model):
@@ -245,11 +279,15 @@ def merge_lora(components, lora_path: str | os.PathLike, scale: float = 1.0) -> 
 # -- describing --------------------------------------------------------------------------------------
 
 KINDS = {  # module-name suffix -> kind, for `describe`
-    "attention": ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj"),
-    "feed_forward": ("ff.net.0.proj", "ff.net.2", "mlp.fc1", "mlp.fc2"),
+    "attention": ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj", "add_q_proj",
+                  "add_k_proj", "add_v_proj", "to_add_out"),
+    "feed_forward": ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+                     "mlp.fc1", "mlp.fc2"),
     "projection": ("proj_in", "proj_out"),
     "resnet": ("conv1", "conv2", "conv_shortcut", "time_emb_proj"),
     "resample": ("downsamplers.0.conv", "upsamplers.0.conv"),
+    "modulation": ("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear"),
+    "embedding": ("x_embedder", "context_embedder", "linear_1", "linear_2"),
 }
 
 
@@ -262,12 +300,12 @@ def _block(name: str) -> str:
     return m.group(1) if m else name.split(".")[0]
 
 
-def describe(path: str | os.PathLike, unet_config: Any = None) -> dict[str, Any]:
+def describe(path: str | os.PathLike, denoiser_config: Any = None) -> dict[str, Any]:
     """What a LoRA file holds: family, format, ranks, alpha, targeted modules by kind and by block,
-    text encoders or not, DoRA or not, and its metadata. `unet_config` as for `load_lora_file`."""
-    lora = load_lora_file(path, unet_config)
+    text encoders or not, DoRA or not, and its metadata. `denoiser_config` as for `load_lora_file`."""
+    lora = load_lora_file(path, denoiser_config)
     mods = {c: split_modules(sd, str(path)) for c, sd in lora.state_dicts().items()}
-    unet, text, text_2 = (mods.get(c, {}) for c in ("unet", "text_encoder", "text_encoder_2"))
+    denoiser, text, text_2 = (mods.get(c, {}) for c in ("denoiser", "text_encoder", "text_encoder_2"))
     everything = [p for m in mods.values() for p in m.values()]
     return {
         "file": str(path),
@@ -275,9 +313,10 @@ def describe(path: str | os.PathLike, unet_config: Any = None) -> dict[str, Any]
         "format": lora.format,
         "ranks": sorted({p["A"].shape[0] for p in everything}),
         "alpha": lora.alpha,
-        "unet_modules": len(unet),
-        "unet_kinds": dict(collections.Counter(_kind(n) for n in unet)),
-        "unet_blocks": dict(collections.Counter(_block(n) for n in unet)),
+        "denoiser": DENOISER[lora.family],  # what the denoiser is: "U-Net" or "transformer"
+        "denoiser_modules": len(denoiser),
+        "denoiser_kinds": dict(collections.Counter(_kind(n) for n in denoiser)),
+        "denoiser_blocks": dict(collections.Counter(_block(n) for n in denoiser)),
         "text_encoder": bool(text),
         "text_encoder_modules": len(text),
         "text_encoder_2": bool(text_2),

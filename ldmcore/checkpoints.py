@@ -65,13 +65,8 @@ class Components:
         preset = get_preset(preset) if isinstance(preset, str) else preset
         family = get_family(preset.family)
         torch.manual_seed(seed)
-        kinds = {tok: kind for _, tok, kind in family.text_parts}
-        if tokenizer_2 is None and kinds.get("tokenizer_2") == "T5EncoderModel":
-            from .text_flux import t5_tokenizer_like
-
-            tokenizer_2 = t5_tokenizer_like(tokenizer)
-        elif tokenizer_2 is None and "tokenizer_2" in kinds:
-            tokenizer_2 = second_tokenizer(tokenizer)
+        if tokenizer_2 is None:
+            tokenizer_2 = fresh_tokenizer_2(family, tokenizer)
         tokenizers = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
         configs = {"text_encoder": preset.text_encoder, "text_encoder_2": preset.text_encoder_2}
         # drawn in this order (denoiser, VAE, text encoders) so that a seed gives the weights it always gave
@@ -518,6 +513,17 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
         (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
         merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def fresh_tokenizer_2(family: Family, tokenizer):
+    """The second tokenizer of a fresh model of `family` whose first is `tokenizer`: SDXL's the same
+    vocabulary padding with "!", Flux's a T5 tokenizer knowing the first's words; None without one."""
+    kinds = {tok: kind for _, tok, kind in family.text_parts}
+    if kinds.get("tokenizer_2") == "T5EncoderModel":
+        from .text_flux import t5_tokenizer_like
+
+        return t5_tokenizer_like(tokenizer)
+    return second_tokenizer(tokenizer) if "tokenizer_2" in kinds else None
 
 
 def second_tokenizer(tokenizer):

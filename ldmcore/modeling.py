@@ -115,7 +115,8 @@ class ConfigModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The compute dtype: the first floating-point parameter's (a quantised base's weights are bytes)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
     @property
     def device(self) -> torch.device:

@@ -36,6 +36,9 @@ def quantize_linears(model: nn.Module, kind: str, compute_dtype: torch.dtype = t
             new = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                     compute_dtype=compute_dtype, quant_type="nf4", device="meta")
             new.weight = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, quant_type="nf4")
+            # bitsandbytes' CPU inference path repacks the weight in place on the first no-grad call, which
+            # fails for layers narrower than a quantisation block and leaves training with repacked weights
+            new.support_avx512bf16_for_cpu = False
         else:
             new = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                       has_fp16_weights=False, threshold=6.0, device="meta")
@@ -54,5 +57,22 @@ def is_quantized(p: torch.Tensor) -> bool:
 
 
 def quantized_bytes(model: nn.Module) -> int:
-    """Bytes the model's parameters and buffers take as they are now (quantised weights at their packed size)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    """Bytes the model's parameters and buffers take as they are now: quantised weights at their packed size
+    plus the scales bitsandbytes keeps beside them, which are neither parameters nor buffers (NF4: the
+    blockwise absmax, itself quantised with a second level of scales and code tables; int8: a float32
+    scale per row)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers(), *_quantization_state(model)]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _quantization_state(model: nn.Module) -> list[torch.Tensor]:
+    found = []
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)  # NF4 (bitsandbytes.functional.QuantState)
+        while state is not None:
+            found += [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if torch.is_tensor(t)]
+            state = state.state2 if state.nested else None
+        scales = getattr(p, "SCB", None)  # int8
+        if torch.is_tensor(scales):
+            found.append(scales)
+    return found

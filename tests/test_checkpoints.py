@@ -89,7 +89,7 @@ def test_foreign_single_file_with_config_folder(saved, tmp_path):
 def test_dtype_and_prediction_type_override(saved):
     parts, root = saved
     loaded = load_components(root / "model", dtype=torch.bfloat16, prediction_type="v_prediction")
-    assert loaded.unet.dtype == loaded.vae.dtype == torch.bfloat16
+    assert loaded.denoiser.dtype == loaded.vae.dtype == torch.bfloat16
     assert next(loaded.text_encoder.parameters()).dtype == torch.bfloat16
     assert loaded.schedule.prediction_type == "v_prediction"
 

@@ -268,7 +268,7 @@ def test_dreambooth_lora_draws_class_images_with_the_base_and_resumes_exactly(wo
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
         lora = load_lora_file(whole / name)
         assert lora.user["ldm_tune.method"] == "dreambooth", name
-        assert lora.unet and all(getattr(lora, encoder) for encoder in base.text_encoders), name
+        assert lora.denoiser and all(getattr(lora, encoder) for encoder in base.text_encoders), name
 
 
 @pytest.mark.parametrize("setup", ["multi", "zero3"])

@@ -53,7 +53,7 @@ def one_thread():
 def fresh() -> Components:
     """The same randomised tiny model every call (LoRA injection changes models in place)."""
     parts = Components.from_preset("tiny", build_word_tokenizer(WORDS), seed=0)
-    randomize_(parts.unet, seed=1, std=0.05)
+    randomize_(parts.denoiser, seed=1, std=0.05)
     randomize_(parts.text_encoder, seed=2, std=0.05)
     return parts
 
@@ -70,8 +70,8 @@ def randomize_lora_(model: nn.Module, seed: int) -> None:
 
 def with_lora(settings: LoraSettings, seed: int = 3) -> Components:
     parts = fresh()
-    add_lora(parts.unet, settings)
-    randomize_lora_(parts.unet, seed)
+    add_lora(parts.denoiser, settings)
+    randomize_lora_(parts.denoiser, seed)
     if settings.text_encoder:
         add_lora(parts.text_encoder, settings, text_encoder=True)
         randomize_lora_(parts.text_encoder, seed + 1)
@@ -94,8 +94,8 @@ def outputs(unet, text_encoder):
 
 def save_both(parts: Components, settings: LoraSettings, folder: Path, metadata=None) -> tuple[Path, Path]:
     text = lora_state_dict(parts.text_encoder) if settings.text_encoder else None
-    save_diffusers(folder / DIFFUSERS_FILE, lora_state_dict(parts.unet), text, metadata, settings=settings)
-    save_kohya(folder / KOHYA_FILE, lora_state_dict(parts.unet), text, settings, metadata)
+    save_diffusers(folder / DIFFUSERS_FILE, lora_state_dict(parts.denoiser), text, metadata, settings=settings)
+    save_kohya(folder / KOHYA_FILE, lora_state_dict(parts.denoiser), text, settings, metadata)
     return folder / DIFFUSERS_FILE, folder / KOHYA_FILE
 
 
@@ -136,11 +136,11 @@ def test_add_lora_targets_and_freezing(targets):
     from peft.tuners.lora import LoraLayer
 
     parts = fresh()
-    expected = expected_count(parts.unet, targets)
-    names = add_lora(parts.unet, LoraSettings(rank=RANK, alpha=ALPHA, targets=targets))
+    expected = expected_count(parts.denoiser, targets)
+    names = add_lora(parts.denoiser, LoraSettings(rank=RANK, alpha=ALPHA, targets=targets))
     assert len(names) == len(set(names)) == expected
-    assert all(isinstance(parts.unet.get_submodule(n), LoraLayer) for n in names)
-    trainable = [n for n, p in parts.unet.named_parameters() if p.requires_grad]
+    assert all(isinstance(parts.denoiser.get_submodule(n), LoraLayer) for n in names)
+    trainable = [n for n, p in parts.denoiser.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert len(trainable) == 2 * expected
 
@@ -148,25 +148,25 @@ def test_add_lora_targets_and_freezing(targets):
     assert len(text_names) == 4 * parts.text_encoder.config.num_hidden_layers
     assert all(n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "out_proj") for n in text_names)
 
-    randomize_lora_(parts.unet, 0)
+    randomize_lora_(parts.denoiser, 0)
     x, t, ctx, _ = inputs()
-    parts.unet(x, t, ctx).square().mean().backward()
-    grads = {n: p.grad for n, p in parts.unet.named_parameters()}
+    parts.denoiser(x, t, ctx).square().mean().backward()
+    grads = {n: p.grad for n, p in parts.denoiser.named_parameters()}
     assert all(grads[n] is not None for n in trainable)
     assert all(g is None for n, g in grads.items() if n not in trainable)
 
 
 def test_explicit_targets_and_bad_targets():
     parts = fresh()
-    names = add_lora(parts.unet, LoraSettings(rank=2, targets=("attn2.to_k", r"down_blocks\.0\..*\.to_q")))
-    cross_attentions = sum(isinstance(m, Attention) for m in parts.unet.modules()) // 2
+    names = add_lora(parts.denoiser, LoraSettings(rank=2, targets=("attn2.to_k", r"down_blocks\.0\..*\.to_q")))
+    cross_attentions = sum(isinstance(m, Attention) for m in parts.denoiser.modules()) // 2
     assert sum(n.endswith("attn2.to_k") for n in names) == cross_attentions
     assert sorted(n for n in names if n.endswith("to_q")) == [
         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
         "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q",
     ]
     with pytest.raises(ValueError, match="to_out"):
-        add_lora(fresh().unet, LoraSettings(targets=("to_q", "to_out")))  # to_out is a ModuleList: to_out.0
+        add_lora(fresh().denoiser, LoraSettings(targets=("to_q", "to_out")))  # to_out is a ModuleList: to_out.0
     with pytest.raises(ValueError, match="targets"):
         LoraSettings(targets="everything")
     with pytest.raises(ValueError, match="unknown keys"):
@@ -182,8 +182,8 @@ def test_explicit_targets_and_bad_targets():
 def test_diffusers_matches_our_lora_model(targets, base_folder, tmp_path):
     settings = LoraSettings(rank=RANK, alpha=ALPHA, targets=targets, text_encoder=True)
     parts = with_lora(settings)
-    ours_unet, ours_text = outputs(parts.unet, parts.text_encoder)
-    plain_unet, plain_text = outputs(*(lambda p: (p.unet, p.text_encoder))(fresh()))
+    ours_unet, ours_text = outputs(parts.denoiser, parts.text_encoder)
+    plain_unet, plain_text = outputs(*(lambda p: (p.denoiser, p.text_encoder))(fresh()))
     assert rel_err(ours_unet, plain_unet) > 1e-2 and rel_err(ours_text, plain_text) > 1e-2  # the LoRA matters
     for lora_file in save_both(parts, settings, tmp_path):
         pipe = diffusers_pipe(base_folder, lora_file)
@@ -198,11 +198,11 @@ def test_diffusers_matches_our_lora_model(targets, base_folder, tmp_path):
 def test_round_trips_are_exact(tmp_path):
     settings = LoraSettings(rank=RANK, alpha=ALPHA, targets="all", text_encoder=True)
     parts = with_lora(settings)
-    unet_sd, text_sd = lora_state_dict(parts.unet), lora_state_dict(parts.text_encoder)
+    unet_sd, text_sd = lora_state_dict(parts.denoiser), lora_state_dict(parts.text_encoder)
     user = {"run": "tiny", "steps": 2, "tags": ["a", "b"]}
     for path in save_both(parts, settings, tmp_path, user):
         lora = load_lora_file(path)
-        unet2, text2 = lora.unet, lora.text_encoder
+        unet2, text2 = lora.denoiser, lora.text_encoder
         assert unet2.keys() == unet_sd.keys() and text2.keys() == text_sd.keys() and lora.text_encoder_2 is None
         assert all(torch.equal(unet2[k], unet_sd[k]) for k in unet_sd)
         assert all(torch.equal(text2[k], text_sd[k]) for k in text_sd)
@@ -210,9 +210,9 @@ def test_round_trips_are_exact(tmp_path):
         assert LoraSettings.from_dict(lora.settings) == settings
         # and back into a fresh LoRA model
         again = fresh()
-        add_lora(again.unet, settings)
-        set_lora_state_dict(again.unet, unet2)
-        assert all(torch.equal(v, unet_sd[k]) for k, v in lora_state_dict(again.unet).items())
+        add_lora(again.denoiser, settings)
+        set_lora_state_dict(again.denoiser, unet2)
+        assert all(torch.equal(v, unet_sd[k]) for k, v in lora_state_dict(again.denoiser).items())
 
     kohya = load_file(tmp_path / KOHYA_FILE)
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -239,7 +239,7 @@ def module_key(kohya: str, part: str) -> str:
 
 def test_kohya_names_invert_for_every_module():
     parts = fresh()
-    for model, text in ((parts.unet, False), (parts.text_encoder, True)):
+    for model, text in ((parts.denoiser, False), (parts.text_encoder, True)):
         names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         assert names
         for n in names:
@@ -261,7 +261,7 @@ def test_foreign_kohya_alphas_keep_the_math(tmp_path):
     gives modules without an alpha the common one instead of their rank."""
     settings = LoraSettings(rank=RANK, alpha=ALPHA, targets="attention")
     parts = with_lora(settings)
-    save_kohya(tmp_path / "ours.safetensors", lora_state_dict(parts.unet), None, settings)
+    save_kohya(tmp_path / "ours.safetensors", lora_state_dict(parts.denoiser), None, settings)
     state = load_file(tmp_path / "ours.safetensors")
     odd, bare = ("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v",
                  "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_attn1_to_out_0")
@@ -270,40 +270,40 @@ def test_foreign_kohya_alphas_keep_the_math(tmp_path):
     save_file(state, tmp_path / "foreign.safetensors")  # no metadata at all, as some tools write
 
     lora = load_lora_file(tmp_path / "foreign.safetensors")
-    unet_sd = lora.unet
+    unet_sd = lora.denoiser
     assert lora.format == "kohya" and lora.alpha == ALPHA and lora.text_encoder is None
     assert torch.equal(unet_sd[module_key(odd, "B")], state[f"{odd}.lora_up.weight"] * (1.0 / ALPHA))
     assert torch.equal(unet_sd[module_key(bare, "B")], state[f"{bare}.lora_up.weight"] * (RANK / ALPHA))
     assert torch.equal(unet_sd[module_key(odd, "A")], state[f"{odd}.lora_down.weight"])
 
     for name, alpha in ((odd, 1.0), (bare, float(RANK))):
-        parts.unet.get_submodule(module_from_kohya(name, "test")[0]).scaling["default"] = alpha / RANK
-    expected, _ = outputs(parts.unet, parts.text_encoder)
+        parts.denoiser.get_submodule(module_from_kohya(name, "test")[0]).scaling["default"] = alpha / RANK
+    expected, _ = outputs(parts.denoiser, parts.text_encoder)
     merged = fresh()
     merge_lora(merged, tmp_path / "foreign.safetensors")
-    assert rel_err(outputs(merged.unet, merged.text_encoder)[0], expected) < 1e-5
+    assert rel_err(outputs(merged.denoiser, merged.text_encoder)[0], expected) < 1e-5
     again = fresh()  # and the folded tensors loaded into a one-alpha peft model
-    add_lora(again.unet, LoraSettings.from_dict(lora.settings))
-    set_lora_state_dict(again.unet, unet_sd)
-    assert rel_err(outputs(again.unet, again.text_encoder)[0], expected) < 1e-5
+    add_lora(again.denoiser, LoraSettings.from_dict(lora.settings))
+    set_lora_state_dict(again.denoiser, unet_sd)
+    assert rel_err(outputs(again.denoiser, again.text_encoder)[0], expected) < 1e-5
 
 
 def test_set_lora_state_dict_is_strict():
     settings = LoraSettings(rank=RANK, alpha=ALPHA)
     parts = with_lora(settings)
-    sd = lora_state_dict(parts.unet)
+    sd = lora_state_dict(parts.denoiser)
     target = fresh()
-    add_lora(target.unet, settings)
+    add_lora(target.denoiser, settings)
     missing = dict(sd)
     gone = sorted(missing)[0]
     del missing[gone]
     with pytest.raises(CheckpointError, match="missing 1 keys: " + gone.replace(".", r"\.")):
-        set_lora_state_dict(target.unet, missing)
+        set_lora_state_dict(target.denoiser, missing)
     with pytest.raises(CheckpointError, match=r"unexpected 1 keys: conv_in\.lora_A\.weight"):
-        set_lora_state_dict(target.unet, {**sd, "conv_in.lora_A.weight": torch.zeros(RANK, 4, 3, 3)})
+        set_lora_state_dict(target.denoiser, {**sd, "conv_in.lora_A.weight": torch.zeros(RANK, 4, 3, 3)})
     other_rank = with_lora(LoraSettings(rank=2, alpha=ALPHA))
     with pytest.raises(CheckpointError, match="wrong shape"):
-        set_lora_state_dict(target.unet, lora_state_dict(other_rank.unet))
+        set_lora_state_dict(target.denoiser, lora_state_dict(other_rank.denoiser))
     # the text encoder accepts keys with or without transformers 4's text_model. level
     add_lora(parts.text_encoder, settings, text_encoder=True)
     add_lora(target.text_encoder, settings, text_encoder=True)
@@ -321,18 +321,18 @@ def test_merge_matches_the_lora_model(tmp_path):
 
     settings = LoraSettings(rank=RANK, alpha=ALPHA, targets="all", text_encoder=True)
     parts = with_lora(settings)
-    lora_unet, lora_text = outputs(parts.unet, parts.text_encoder)
+    lora_unet, lora_text = outputs(parts.denoiser, parts.text_encoder)
     diffusers_file, kohya_file = save_both(parts, settings, tmp_path)
     for path in (diffusers_file, kohya_file):
         merged = fresh()
         merge_lora(merged, path)
-        assert not any(isinstance(m, BaseTunerLayer) for m in [*merged.unet.modules(), *merged.text_encoder.modules()])
-        assert merged.unet.state_dict().keys() == fresh().unet.state_dict().keys()
-        unet_out, text_out = outputs(merged.unet, merged.text_encoder)
+        assert not any(isinstance(m, BaseTunerLayer) for m in [*merged.denoiser.modules(), *merged.text_encoder.modules()])
+        assert merged.denoiser.state_dict().keys() == fresh().denoiser.state_dict().keys()
+        unet_out, text_out = outputs(merged.denoiser, merged.text_encoder)
         assert rel_err(unet_out, lora_unet) < 1e-5 and rel_err(text_out, lora_text) < 1e-5
 
     # strength: weights are linear in the scale; 0 leaves the model as it was
-    w = lambda p: p.unet.get_submodule("down_blocks.0.resnets.0.conv1").weight  # noqa: E731
+    w = lambda p: p.denoiser.get_submodule("down_blocks.0.resnets.0.conv1").weight  # noqa: E731
     zero, half, one, base = fresh(), fresh(), fresh(), fresh()
     for c, s in ((zero, 0.0), (half, 0.5), (one, 1.0)):
         merge_lora(c, kohya_file, scale=s)
@@ -341,7 +341,7 @@ def test_merge_matches_the_lora_model(tmp_path):
     assert not torch.equal(w(one), w(base))
 
     wrong = Components.from_preset("tiny", build_word_tokenizer(WORDS))
-    wrong.unet.down_blocks[0].attentions = None  # another architecture: modules the LoRA names are absent
+    wrong.denoiser.down_blocks[0].attentions = None  # another architecture: modules the LoRA names are absent
     with pytest.raises(CheckpointError, match="not Linear / Conv2d layers of the U-Net"):
         merge_lora(wrong, kohya_file)
 
@@ -354,17 +354,17 @@ def cli(*args, cwd=ROOT):
 def test_command_line(base_folder, tmp_path):
     settings = LoraSettings(rank=RANK, alpha=ALPHA, targets="all", text_encoder=True)
     parts = with_lora(settings)
-    lora_unet, lora_text = outputs(parts.unet, parts.text_encoder)
+    lora_unet, lora_text = outputs(parts.denoiser, parts.text_encoder)
     checkpoint = tmp_path / "run" / "checkpoint-2"
     user = {"run": "tiny", "step": 2}
-    save_diffusers(checkpoint / DIFFUSERS_FILE, lora_state_dict(parts.unet), lora_state_dict(parts.text_encoder), user,
+    save_diffusers(checkpoint / DIFFUSERS_FILE, lora_state_dict(parts.denoiser), lora_state_dict(parts.text_encoder), user,
                    settings=settings)
 
     r = cli("export", checkpoint, "--out", tmp_path / "export")
     assert r.returncode == 0, r.stderr
     for name in (DIFFUSERS_FILE, KOHYA_FILE):
         lora = load_lora_file(tmp_path / "export" / name)
-        assert all(torch.equal(v, lora_state_dict(parts.unet)[k]) for k, v in lora.unet.items())
+        assert all(torch.equal(v, lora_state_dict(parts.denoiser)[k]) for k, v in lora.denoiser.items())
         assert lora.user == user and LoraSettings.from_dict(lora.settings) == settings
 
     r = cli("inspect", tmp_path / "export" / KOHYA_FILE)
@@ -380,7 +380,7 @@ def test_command_line(base_folder, tmp_path):
     assert adapters_main(["merge", str(base_folder), str(tmp_path / "export"), "--out", str(folder)]) == 0
     for out in (single, folder):
         merged = load_components(out, tokenizer=base_folder / "tokenizer")
-        unet_out, text_out = outputs(merged.unet, merged.text_encoder)
+        unet_out, text_out = outputs(merged.denoiser, merged.text_encoder)
         assert rel_err(unet_out, lora_unet) < 1e-5 and rel_err(text_out, lora_text) < 1e-5
 
     bad = tmp_path / "not_a_lora.safetensors"
@@ -395,7 +395,7 @@ def test_command_line_refuses_bad_input(base_folder, tmp_path, capsys):
     save_file({"conv_in.weight": torch.zeros(1)}, bad)
     (tmp_path / "empty_run").mkdir()
     good = tmp_path / DIFFUSERS_FILE
-    save_diffusers(good, lora_state_dict(with_lora(LoraSettings(rank=2)).unet))
+    save_diffusers(good, lora_state_dict(with_lora(LoraSettings(rank=2)).denoiser))
     cases = (
         (bad, ["export", bad, "--out", tmp_path / "x"]),
         (bad, ["merge", base_folder, bad, "--out", tmp_path / "y"]),
@@ -416,12 +416,12 @@ def test_command_line_refuses_bad_input(base_folder, tmp_path, capsys):
 def test_dora_trains_exports_and_loads_in_diffusers(base_folder, tmp_path):
     settings = LoraSettings(rank=RANK, alpha=ALPHA, targets="all", use_dora=True)
     parts = with_lora(settings)
-    trainable = [n for n, p in parts.unet.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in parts.denoiser.named_parameters() if p.requires_grad]
     assert any("lora_magnitude_vector" in n for n in trainable)
-    ours, _ = outputs(parts.unet, parts.text_encoder)
-    plain, _ = outputs(fresh().unet, fresh().text_encoder)
+    ours, _ = outputs(parts.denoiser, parts.text_encoder)
+    plain, _ = outputs(fresh().denoiser, fresh().text_encoder)
     assert rel_err(ours, plain) > 1e-2
-    sd = lora_state_dict(parts.unet)
+    sd = lora_state_dict(parts.denoiser)
     save_diffusers(tmp_path / DIFFUSERS_FILE, sd, settings=settings)
     with pytest.raises(CheckpointError, match="DoRA"):
         save_kohya(tmp_path / KOHYA_FILE, sd, None, settings)
@@ -431,9 +431,9 @@ def test_dora_trains_exports_and_loads_in_diffusers(base_folder, tmp_path):
     assert rel_err(theirs, ours) < 1e-5
     merged = fresh()
     merge_lora(merged, tmp_path / DIFFUSERS_FILE)
-    assert rel_err(outputs(merged.unet, merged.text_encoder)[0], ours) < 1e-5
+    assert rel_err(outputs(merged.denoiser, merged.text_encoder)[0], ours) < 1e-5
     lora = load_lora_file(tmp_path / DIFFUSERS_FILE)
-    assert all(torch.equal(lora.unet[k], v) for k, v in sd.items()) and lora.settings["use_dora"]
+    assert all(torch.equal(lora.denoiser[k], v) for k, v in sd.items()) and lora.settings["use_dora"]
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -443,8 +443,8 @@ def test_dora_trains_exports_and_loads_in_diffusers(base_folder, tmp_path):
 def test_dora_text_encoder_in_diffusers(base_folder, tmp_path):
     settings = LoraSettings(rank=RANK, alpha=ALPHA, use_dora=True, text_encoder=True)
     parts = with_lora(settings)
-    _, ours = outputs(parts.unet, parts.text_encoder)
-    save_diffusers(tmp_path / DIFFUSERS_FILE, lora_state_dict(parts.unet), lora_state_dict(parts.text_encoder),
+    _, ours = outputs(parts.denoiser, parts.text_encoder)
+    save_diffusers(tmp_path / DIFFUSERS_FILE, lora_state_dict(parts.denoiser), lora_state_dict(parts.text_encoder),
                    settings=settings)
     pipe = diffusers_pipe(base_folder, tmp_path / DIFFUSERS_FILE)
     assert rel_err(outputs(pipe.unet, pipe.text_encoder)[1], ours) < 1e-5

@@ -75,11 +75,11 @@ def fresh() -> types.SimpleNamespace:
     text = CLIPTextConfig(**TEXT, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     parts = types.SimpleNamespace(
-        unet=diffusers.UNet2DConditionModel(**SDXL_UNET).eval(),
+        denoiser=diffusers.UNet2DConditionModel(**SDXL_UNET).eval(),
         text_encoder=CLIPTextModel(text).eval(),
         text_encoder_2=CLIPTextModelWithProjection(text).eval(),
     )
-    for seed, model in enumerate((parts.unet, parts.text_encoder, parts.text_encoder_2)):
+    for seed, model in enumerate((parts.denoiser, parts.text_encoder, parts.text_encoder_2)):
         randomize_(model, seed=seed + 1, std=0.05)
     return parts
 
@@ -94,18 +94,18 @@ def randomize_lora_(model, seed: int, std: float = 0.3) -> None:
 
 def with_lora(settings: LoraSettings) -> types.SimpleNamespace:
     parts = fresh()
-    add_lora(parts.unet, settings)
+    add_lora(parts.denoiser, settings)
     add_lora(parts.text_encoder, settings, text_encoder=True)
     add_lora(parts.text_encoder_2, settings, text_encoder=True)
     # the U-Net's attention path is small next to its residuals: larger LoRA weights make it show
-    for seed, (model, std) in enumerate(((parts.unet, 1.0), (parts.text_encoder, 0.3), (parts.text_encoder_2, 0.3))):
+    for seed, (model, std) in enumerate(((parts.denoiser, 1.0), (parts.text_encoder, 0.3), (parts.text_encoder_2, 0.3))):
         randomize_lora_(model, 10 + seed, std)
     return parts
 
 
 def save_both(parts, settings: LoraSettings, folder, metadata=None):
-    sds = lora_state_dict(parts.unet), lora_state_dict(parts.text_encoder), lora_state_dict(parts.text_encoder_2)
-    sdxl = {"text_2_sd": sds[2], "unet_config": parts.unet.config}
+    sds = lora_state_dict(parts.denoiser), lora_state_dict(parts.text_encoder), lora_state_dict(parts.text_encoder_2)
+    sdxl = {"text_2_sd": sds[2], "denoiser_config": parts.denoiser.config}
     save_diffusers(folder / DIFFUSERS_FILE, sds[0], sds[1], metadata, settings=settings, **sdxl)
     save_kohya(folder / KOHYA_FILE, sds[0], sds[1], settings, metadata, **sdxl)
     return folder / DIFFUSERS_FILE, folder / KOHYA_FILE
@@ -132,7 +132,7 @@ def outputs(parts, **widths):
     """U-Net prediction, CLIP-L's last hidden state, bigG's last hidden state and projected pooling."""
     ids = inputs()[-1]
     second = parts.text_encoder_2(ids)
-    return unet_output(parts.unet, **widths), parts.text_encoder(ids)[0], second.last_hidden_state, second.text_embeds
+    return unet_output(parts.denoiser, **widths), parts.text_encoder(ids)[0], second.last_hidden_state, second.text_embeds
 
 
 def diffusers_pipe(lora_file):
@@ -142,7 +142,7 @@ def diffusers_pipe(lora_file):
     vae = diffusers.AutoencoderKL(block_out_channels=[8], norm_num_groups=8, latent_channels=4)
     pipe = diffusers.StableDiffusionXLPipeline(
         vae=vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=tokenizer(),
-        tokenizer_2=tokenizer(), unet=base.unet, scheduler=diffusers.EulerDiscreteScheduler())
+        tokenizer_2=tokenizer(), unet=base.denoiser, scheduler=diffusers.EulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(lora_file))
     return pipe
@@ -168,7 +168,7 @@ def test_diffusers_sdxl_pipeline_matches_our_lora_models(targets, tmp_path):
         assert rel_err(a, b) > 1e-2, f"the LoRA does not change the {name} output"
     for lora_file in save_both(parts, settings, tmp_path):
         pipe = diffusers_pipe(lora_file)
-        theirs = outputs(types.SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder,
+        theirs = outputs(types.SimpleNamespace(denoiser=pipe.unet, text_encoder=pipe.text_encoder,
                                                text_encoder_2=pipe.text_encoder_2))
         assert_same_outputs(theirs, ours, lora_file.name)
 
@@ -181,11 +181,11 @@ def test_diffusers_reads_a_kohya_file_with_a_few_modules(tmp_path):
                "down_blocks.1.downsamplers.0.conv")
     settings = LoraSettings(rank=RANK, alpha=ALPHA, targets=targets)
     parts = fresh()
-    add_lora(parts.unet, settings)
-    randomize_lora_(parts.unet, 0, std=1.0)
-    ours = unet_output(parts.unet)
-    assert rel_err(ours, unet_output(fresh().unet)) > 1e-3
-    save_kohya(tmp_path / KOHYA_FILE, lora_state_dict(parts.unet), None, settings, unet_config=parts.unet.config)
+    add_lora(parts.denoiser, settings)
+    randomize_lora_(parts.denoiser, 0, std=1.0)
+    ours = unet_output(parts.denoiser)
+    assert rel_err(ours, unet_output(fresh().denoiser)) > 1e-3
+    save_kohya(tmp_path / KOHYA_FILE, lora_state_dict(parts.denoiser), None, settings, denoiser_config=parts.denoiser.config)
     assert len(load_file(tmp_path / KOHYA_FILE)) == 3 * 4
     assert rel_err(unet_output(diffusers_pipe(tmp_path / KOHYA_FILE).unet), ours) < 1e-5
 
@@ -196,15 +196,15 @@ def test_our_unet_runs_the_same_lora(tmp_path):
 
     settings = LoraSettings(rank=RANK, alpha=ALPHA, targets="all")
     parts = with_lora(settings)
-    expected = unet_output(parts.unet)
+    expected = unet_output(parts.denoiser)
     ours = UNet.from_config(dict(SDXL_UNET)).eval()
-    ours.load_state_dict(fresh().unet.state_dict())
+    ours.load_state_dict(fresh().denoiser.state_dict())
     add_lora(ours, settings)
-    set_lora_state_dict(ours, lora_state_dict(parts.unet))
+    set_lora_state_dict(ours, lora_state_dict(parts.denoiser))
     assert rel_err(unet_output(ours), expected) < 1e-5
     # and a kohya file written from our U-Net's config reads back into it
-    save_kohya(tmp_path / KOHYA_FILE, lora_state_dict(ours), None, settings, unet_config=ours.config)
-    assert load_lora_file(tmp_path / KOHYA_FILE, unet_config=ours.config).unet.keys() == lora_state_dict(ours).keys()
+    save_kohya(tmp_path / KOHYA_FILE, lora_state_dict(ours), None, settings, denoiser_config=ours.config)
+    assert load_lora_file(tmp_path / KOHYA_FILE, denoiser_config=ours.config).denoiser.keys() == lora_state_dict(ours).keys()
 
 
 # -- 2. the kohya file's names ------------------------------------------------------------------------
@@ -234,20 +234,20 @@ def test_kohya_names_invert_for_every_module():
     from torch import nn
 
     parts = fresh()
-    names = KohyaNames.of(parts.unet.config)
+    names = KohyaNames.of(parts.denoiser.config)
     assert names.family == "sdxl"
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    for component in ("denoiser", "text_encoder", "text_encoder_2"):
         model = getattr(parts, component)
         modules = [n for n, m in model.named_modules()
                    if isinstance(m, (nn.Linear, nn.Conv2d)) and n != "text_projection"]  # bigG's head: never a target
         assert modules
         for n in modules:
-            ours = n if component == "unet" else n.removeprefix("text_model.")
+            ours = n if component == "denoiser" else n.removeprefix("text_model.")
             assert names.module(names.name(component, n), "test") == (component, ours), n
-    assert names.name("unet", "conv_in") == "lora_unet_input_blocks_0_0"
-    assert names.name("unet", "time_embedding.linear_1") == "lora_unet_time_embed_0"
-    assert names.name("unet", "add_embedding.linear_2") == "lora_unet_label_emb_0_2"
-    assert names.name("unet", "conv_out") == "lora_unet_out_2"
+    assert names.name("denoiser", "conv_in") == "lora_unet_input_blocks_0_0"
+    assert names.name("denoiser", "time_embedding.linear_1") == "lora_unet_time_embed_0"
+    assert names.name("denoiser", "add_embedding.linear_2") == "lora_unet_label_emb_0_2"
+    assert names.name("denoiser", "conv_out") == "lora_unet_out_2"
     assert names.name("text_encoder", "encoder.layers.2.mlp.fc1") == "lora_te1_text_model_encoder_layers_2_mlp_fc1"
     with pytest.raises(CheckpointError, match="lora_te_ names a text encoder of SD 1.x/2.x, not of SDXL"):
         names.module("lora_te_text_model_encoder_layers_0_self_attn_q_proj", "f.safetensors")
@@ -257,7 +257,7 @@ def test_conv_lora_maps_to_resnet_and_resampler_names(tmp_path):
     """The table in FORMATS.md, written out for this layout (3 levels, 2 resnets each)."""
     settings = LoraSettings(rank=RANK, alpha=ALPHA, targets="all")
     parts = with_lora(settings)
-    save_kohya(tmp_path / KOHYA_FILE, lora_state_dict(parts.unet), None, settings, unet_config=parts.unet.config)
+    save_kohya(tmp_path / KOHYA_FILE, lora_state_dict(parts.denoiser), None, settings, denoiser_config=parts.denoiser.config)
     state = load_file(tmp_path / KOHYA_FILE)
     expected = {
         "down_blocks.0.resnets.0.conv1": "input_blocks_1_0_in_layers_2",
@@ -279,15 +279,15 @@ def test_conv_lora_maps_to_resnet_and_resampler_names(tmp_path):
         "up_blocks.1.upsamplers.0.conv": "output_blocks_5_2_conv",
         "up_blocks.2.resnets.2.conv2": "output_blocks_8_0_out_layers_3",
     }
-    sd = lora_state_dict(parts.unet)
+    sd = lora_state_dict(parts.denoiser)
     for module, sgm in expected.items():
         assert torch.equal(state[f"lora_unet_{sgm}.lora_down.weight"], sd[f"{module}.lora_A.weight"]), module
     assert state["lora_unet_input_blocks_3_0_op.lora_down.weight"].shape == (RANK, 32, 3, 3)
     assert len([k for k in state if k.endswith(".alpha")]) == len(sd) // 2
     # an upsampler on a level without attention sits at index 1: SD 1.x's layout, level 0
-    names = KohyaNames("sdxl", unet_module_names(TINY.unet))
-    assert names.name("unet", "up_blocks.0.upsamplers.0.conv") == "lora_unet_output_blocks_1_1_conv"
-    assert names.module("lora_unet_output_blocks_1_1_conv", "test") == ("unet", "up_blocks.0.upsamplers.0.conv")
+    names = KohyaNames("sdxl", unet_module_names(TINY.denoiser))
+    assert names.name("denoiser", "up_blocks.0.upsamplers.0.conv") == "lora_unet_output_blocks_1_1_conv"
+    assert names.module("lora_unet_output_blocks_1_1_conv", "test") == ("denoiser", "up_blocks.0.upsamplers.0.conv")
 
 
 # -- 3. round trips ----------------------------------------------------------------------------------
@@ -296,11 +296,11 @@ def test_conv_lora_maps_to_resnet_and_resampler_names(tmp_path):
 def test_round_trips_are_exact(tmp_path):
     settings = LoraSettings(rank=RANK, alpha=ALPHA, targets="all", text_encoder=True)
     parts = with_lora(settings)
-    sds = {c: lora_state_dict(getattr(parts, c)) for c in ("unet", "text_encoder", "text_encoder_2")}
+    sds = {c: lora_state_dict(getattr(parts, c)) for c in ("denoiser", "text_encoder", "text_encoder_2")}
     user = {"run": "tiny-xl", "steps": 2}
     for path in save_both(parts, settings, tmp_path, user):
-        for config in (parts.unet.config, None):  # without a config, the layout the file remembers
-            lora = load_lora_file(path, unet_config=config)
+        for config in (parts.denoiser.config, None):  # without a config, the layout the file remembers
+            lora = load_lora_file(path, denoiser_config=config)
             assert lora.family == "sdxl" and lora.alpha == ALPHA and lora.user == user, path.name
             assert LoraSettings.from_dict(lora.settings) == settings
             for component, sd in sds.items():
@@ -310,9 +310,9 @@ def test_round_trips_are_exact(tmp_path):
                 assert got.keys() == want.keys(), (path.name, component)
                 assert all(torch.equal(got[k], v) for k, v in want.items()), (path.name, component)
     again = fresh()  # the file's tensors load into a fresh LoRA model
-    lora = load_lora_file(tmp_path / KOHYA_FILE, unet_config=again.unet.config)
+    lora = load_lora_file(tmp_path / KOHYA_FILE, denoiser_config=again.denoiser.config)
     for component, sd in lora.state_dicts().items():
-        add_lora(getattr(again, component), settings, text_encoder=component != "unet")
+        add_lora(getattr(again, component), settings, text_encoder=component != "denoiser")
         set_lora_state_dict(getattr(again, component), sd)
     assert_same_outputs(outputs(again), outputs(parts), "reloaded")
 
@@ -329,20 +329,20 @@ def test_other_sdxl_spellings_read_the_same(tmp_path):
     for key, v in state.items():
         name, _, part = key.partition(".")
         component, module = names.module(name, "test")
-        spelled = "lora_unet_" + module.replace(".", "_") if component == "unet" else name
+        spelled = "lora_unet_" + module.replace(".", "_") if component == "denoiser" else name
         diffusers_named[f"{spelled}.{part}"] = v
     assert any(k.startswith("lora_unet_down_blocks_1_attentions_0") for k in diffusers_named)
     save_file(diffusers_named, tmp_path / "diffusers_names.safetensors")
     expected = load_lora_file(kohya)
     lora = load_lora_file(tmp_path / "diffusers_names.safetensors")
     assert lora.family == "sdxl" and lora.alpha == ALPHA
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    for component in ("denoiser", "text_encoder", "text_encoder_2"):
         assert all(torch.equal(getattr(lora, component)[k], v) for k, v in getattr(expected, component).items())
     # sgm names, no metadata at all, no config: the file's lora_te2_ keys say SDXL, SDXL base's layout maps it
     # (this tiny layout has the same block structure)
     save_file(state, tmp_path / "bare.safetensors")
     bare = load_lora_file(tmp_path / "bare.safetensors")
-    assert bare.family == "sdxl" and bare.unet.keys() == expected.unet.keys()
+    assert bare.family == "sdxl" and bare.denoiser.keys() == expected.denoiser.keys()
 
 
 def test_command_line_exports_and_inspects_sdxl(tmp_path, capsys):
@@ -359,7 +359,7 @@ def test_command_line_exports_and_inspects_sdxl(tmp_path, capsys):
     assert "family:        SDXL" in out and "format:        kohya" in out
     assert "text encoder:  yes, 12 modules" in out and "text encoder 2: yes, 12 modules" in out
     d = describe(tmp_path / "export" / KOHYA_FILE)
-    assert d["family"] == "SDXL" and d["unet_blocks"].keys() == {"down_blocks.0", "down_blocks.1", "down_blocks.2",
+    assert d["family"] == "SDXL" and d["denoiser_blocks"].keys() == {"down_blocks.0", "down_blocks.1", "down_blocks.2",
                                                                    "mid_block", "up_blocks.0", "up_blocks.1",
                                                                    "up_blocks.2"}
 
@@ -373,13 +373,13 @@ def sd_lora_files(tmp_path, text_encoder=True):
 
     sd = Components.from_preset("tiny", tokenizer(), seed=0)
     settings = LoraSettings(rank=RANK, alpha=ALPHA, text_encoder=text_encoder)
-    add_lora(sd.unet, settings)
+    add_lora(sd.denoiser, settings)
     text = None
     if text_encoder:
         add_lora(sd.text_encoder, settings, text_encoder=True)
         text = lora_state_dict(sd.text_encoder)
-    save_diffusers(tmp_path / DIFFUSERS_FILE, lora_state_dict(sd.unet), text, settings=settings)
-    save_kohya(tmp_path / KOHYA_FILE, lora_state_dict(sd.unet), text, settings)
+    save_diffusers(tmp_path / DIFFUSERS_FILE, lora_state_dict(sd.denoiser), text, settings=settings)
+    save_kohya(tmp_path / KOHYA_FILE, lora_state_dict(sd.denoiser), text, settings)
     return sd, (tmp_path / DIFFUSERS_FILE, tmp_path / KOHYA_FILE)
 
 
@@ -389,7 +389,7 @@ def test_family_mismatch_is_refused_naming_file_and_family(tmp_path):
     sd_parts, sd_files = sd_lora_files(tmp_path / "sd")
     for path in sdxl_files:  # an SDXL file on an SD 1.x U-Net
         with pytest.raises(CheckpointError) as e:
-            load_lora_file(path, unet_config=sd_parts.unet.config)
+            load_lora_file(path, denoiser_config=sd_parts.denoiser.config)
         message = str(e.value)
         assert str(path) in message and "a LoRA for SDXL" in message and "apply it to an SDXL base model" in message
         assert "SD 1.x/2.x" in message
@@ -397,7 +397,7 @@ def test_family_mismatch_is_refused_naming_file_and_family(tmp_path):
             merge_lora(sd_parts, path)
     for path in sd_files:  # and the reverse
         with pytest.raises(CheckpointError) as e:
-            load_lora_file(path, unet_config=SDXL_UNET)
+            load_lora_file(path, denoiser_config=SDXL_UNET)
         message = str(e.value)
         assert str(path) in message and "a LoRA for SD 1.x/2.x" in message
         assert "apply it to an SD 1.x/2.x base model" in message and "SDXL" in message
@@ -408,31 +408,31 @@ def test_family_mismatch_is_refused_naming_file_and_family(tmp_path):
     unet_only = tmp_path / "xl_unet.safetensors"
     save_file({k: v for k, v in load_file(sdxl_files[1]).items() if k.startswith("lora_unet_")}, unet_only)
     for path, config, theirs in ((diffusers_file, SDXL_UNET, "SD 1.x/2.x"), (kohya_file, SDXL_UNET, "SD 1.x/2.x"),
-                                 (unet_only, sd_parts.unet.config, "SDXL")):
+                                 (unet_only, sd_parts.denoiser.config, "SDXL")):
         save_file(load_file(path), path)  # drops the metadata
         with pytest.raises(CheckpointError, match=f"a LoRA for {theirs} .its U-Net modules fit {theirs}'s block") as e:
-            load_lora_file(path, unet_config=config)
+            load_lora_file(path, denoiser_config=config)
         assert str(path) in str(e.value) and f"apply it to an {theirs} base model" in str(e.value)
     # a layout that is neither: the modules it lacks are named
     odd = {**SDXL_UNET, "layers_per_block": 1}
     absent = "not in this SDXL U-Net's block layout: input_blocks.4.1.transformer"
     with pytest.raises(CheckpointError, match=absent) as e:
-        load_lora_file(unet_only, unet_config=odd)
+        load_lora_file(unet_only, denoiser_config=odd)
     assert str(unet_only) in str(e.value)
 
 
 def test_saving_checks_the_family():
     settings = LoraSettings(rank=RANK, alpha=ALPHA, text_encoder=True)
     parts = with_lora(settings)
-    unet, text, text_2 = (lora_state_dict(m) for m in (parts.unet, parts.text_encoder, parts.text_encoder_2))
-    with pytest.raises(ValueError, match="unet_config"):  # sgm names need the layout
+    unet, text, text_2 = (lora_state_dict(m) for m in (parts.denoiser, parts.text_encoder, parts.text_encoder_2))
+    with pytest.raises(ValueError, match="denoiser_config"):  # sgm names need the layout
         save_kohya("never.safetensors", unet, text, settings, text_2_sd=text_2)
     with pytest.raises(ValueError, match="a LoRA for SDXL .*second text encoder.* the U-Net is SD 1.x/2.x's"):
-        save_kohya("never.safetensors", unet, text, settings, text_2_sd=text_2, unet_config=TINY.unet)
+        save_kohya("never.safetensors", unet, text, settings, text_2_sd=text_2, denoiser_config=TINY.denoiser)
     level_0_attention = {"down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(RANK, 32),
                          "down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(32, RANK)}
     with pytest.raises(ValueError, match="a LoRA for SD 1.x/2.x .its U-Net modules fit"):
-        save_diffusers("never.safetensors", level_0_attention, unet_config=SDXL_UNET)
+        save_diffusers("never.safetensors", level_0_attention, denoiser_config=SDXL_UNET)
 
 
 # -- 5. merging and bigG injection -------------------------------------------------------------------
@@ -447,7 +447,7 @@ def test_merge_folds_the_unet_and_both_text_encoders(tmp_path):
     for path in save_both(parts, settings, tmp_path):
         merged = fresh()
         merge_lora(merged, path)
-        models = (merged.unet, merged.text_encoder, merged.text_encoder_2)
+        models = (merged.denoiser, merged.text_encoder, merged.text_encoder_2)
         assert not any(isinstance(m, BaseTunerLayer) for model in models for m in model.modules())
         assert_same_outputs(outputs(merged), expected, f"merged {path.name}")
     no_second = fresh()
@@ -462,15 +462,15 @@ def test_merge_into_our_sdxl_components(tmp_path):
 
     def components():
         parts = Components.from_preset("tiny-sdxl", tokenizer(), seed=0)
-        for seed, model in enumerate((parts.unet, parts.text_encoder, parts.text_encoder_2)):
+        for seed, model in enumerate((parts.denoiser, parts.text_encoder, parts.text_encoder_2)):
             randomize_(model, seed=seed + 1, std=0.05)
         return parts
 
     widths = {"context_width": 80, "pooled_width": 48}  # the tiny-sdxl preset's
     settings = LoraSettings(rank=RANK, alpha=ALPHA, targets="all", text_encoder=True)
     parts = components()
-    for seed, (name, std) in enumerate((("unet", 1.0), ("text_encoder", 0.3), ("text_encoder_2", 0.3))):
-        add_lora(getattr(parts, name), settings, text_encoder=name != "unet")
+    for seed, (name, std) in enumerate((("denoiser", 1.0), ("text_encoder", 0.3), ("text_encoder_2", 0.3))):
+        add_lora(getattr(parts, name), settings, text_encoder=name != "denoiser")
         randomize_lora_(getattr(parts, name), seed, std)
     expected = outputs(parts, **widths)
     assert rel_err(expected[0], outputs(components(), **widths)[0]) > 1e-2

@@ -21,10 +21,11 @@ def world(tmp_path_factory):
     return build_training_world(tmp_path_factory.mktemp("world"))
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl", "tiny-flux"])
 def any_world(request, tmp_path_factory):
-    """The same, once per model family (SD 1.x's layout, SDXL's): for the tests where the family
-    changes what a step computes (text conditioning, size ids, two text encoders, the exports)."""
+    """The same, once per model family (SD 1.x's layout, SDXL's, Flux's): for the tests where the family
+    changes what a step computes (text conditioning, size ids, two text encoders, the objective, the
+    denoiser, the exports)."""
     return build_training_world(tmp_path_factory.mktemp(request.param), preset=request.param)
 
 
@@ -49,10 +50,10 @@ def test_a_run_trains_checkpoints_logs_and_exports(any_world, tmp_path):
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
     from adapters.lora import load_lora_file
     from data_tools.store import fingerprint
-    from ldmcore.unet import UNet
+    from ldmcore.checkpoints import load_components
 
     meta = load_lora_file(out / "lora_kohya.safetensors").user
-    assert meta["ldm_tune.base_model_hash"] == fingerprint(UNet.from_pretrained(world / "model" / "unet"))
+    assert meta["ldm_tune.base_model_hash"] == fingerprint(load_components(world / "model").denoiser)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     assert (out / "config.yaml").read_text().count("max_steps: 4") == 1
     assert list((out / "logs").rglob("events.out.tfevents.*"))
@@ -154,19 +155,21 @@ def test_the_exported_lora_gives_diffusers_the_trained_model(any_world, tmp_path
     from ldmcore.checkpoints import load_components
 
     world, out = any_world, tmp_path / "run"
+    if load_components(world / "model").family.denoiser_name != "unet":
+        pytest.skip("the U-Net's check; Flux's is tests/test_train_flux.py")
     # a large step so that the LoRA's effect stands far above the 1e-5 the comparison allows
     run(world, out, "train.max_steps=3", "train.checkpoint_every=3", "train.learning_rate=2e-2")
     ours = load_components(world / "model")
-    add_lora(ours.unet, LoraSettings(rank=4, alpha=2))
-    weights = {k.removeprefix("unet."): v for k, v in trained(out / "checkpoints" / "step_00000003").items()}
-    result = ours.unet.load_state_dict(weights, strict=False)
+    add_lora(ours.denoiser, LoraSettings(rank=4, alpha=2))
+    weights = {k.removeprefix("denoiser."): v for k, v in trained(out / "checkpoints" / "step_00000003").items()}
+    result = ours.denoiser.load_state_dict(weights, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys[:3]
     assert not [k for k in result.missing_keys if "lora" in k], [k for k in result.missing_keys if "lora" in k][:3]
     pipe = diffusers.DiffusionPipeline.from_pretrained(world / "model", safety_checker=None)
-    x, t, ctx, extra = unet_call_inputs(ours.unet.config)
+    x, t, ctx, extra = unet_call_inputs(ours.denoiser.config)
     with torch.no_grad():
         base = pipe.unet(x, t, ctx, **extra).sample
-        expected = ours.unet(x, t, ctx, **extra)
+        expected = ours.denoiser(x, t, ctx, **extra)
         for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
             pipe.load_lora_weights(str(out / name), adapter_name=name.split(".")[0])
             pipe.set_adapters([name.split(".")[0]])
@@ -184,14 +187,15 @@ def test_text_encoder_lora_trains_and_exports(any_world, tmp_path):
     from adapters.lora import load_lora_file
     from ldmcore.checkpoints import load_components
 
-    encoders = list(load_components(world / "model").text_encoders)  # SDXL: both encoders train
-    assert any(k.startswith("unet.") for k in weights)
+    parts = load_components(world / "model")
+    encoders = [e for e in parts.text_encoders if e in parts.family.lora_text_encoders]  # SDXL both, Flux CLIP-L
+    assert any(k.startswith("denoiser.") for k in weights)
     for encoder in encoders:
         te = [k for k in weights if k.startswith(encoder + ".")]
         assert any(weights[k].abs().sum() > 0 for k in te if "lora_B" in k), encoder  # its LoRA moved
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
         lora = load_lora_file(out / name)
-        assert lora.unet and all(getattr(lora, encoder) for encoder in encoders), name
+        assert lora.denoiser and all(getattr(lora, encoder) for encoder in encoders), name
 
 
 def test_heldout_validation_loss_and_ema(world, tmp_path):
@@ -213,16 +217,16 @@ def test_heldout_validation_loss_and_ema(world, tmp_path):
 
     model = UNet.from_pretrained(world / "model" / "unet")
     add_lora(model, LoraSettings(rank=4, alpha=2))
-    order = ["unet." + n for n, p in model.named_parameters() if p.requires_grad]  # the EMA's order
+    order = ["denoiser." + n for n, p in model.named_parameters() if p.requires_grad]  # the EMA's order
     assert sorted(order) == sorted(raw)
     shadow = dict(zip(order, ema["shadow"]))
     assert any(not torch.equal(shadow[k], raw[k]) for k in raw)  # the EMA lags the raw weights
     from adapters.lora import load_lora_file
 
-    exported = load_lora_file(out / "pytorch_lora_weights.safetensors").unet
+    exported = load_lora_file(out / "pytorch_lora_weights.safetensors").denoiser
     assert len(exported) == len(raw)
     for key, value in exported.items():  # the exported file holds the EMA, not the raw weights
-        name = "unet." + key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+        name = "denoiser." + key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
             ".lora_B.weight", ".lora_B.default.weight")
         assert torch.equal(value.float(), shadow[name]), key
 
@@ -287,7 +291,7 @@ def test_each_pictures_size_ids_reach_the_sdxl_unet_and_dropped_captions_are_zer
 
     def loss(b):
         with torch.no_grad():
-            return method.loss({"unet": parts.unet}, b, empty, sample_generators(0, 3, torch.tensor([0, 1]))).item()
+            return method.loss({"denoiser": parts.denoiser}, b, empty, sample_generators(0, 3, torch.tensor([0, 1]))).item()
 
     other_size = {**batch, "size": torch.tensor([[128.0, 96, 16, 8, 64, 64]] * 2)}
     assert abs(loss(other_size) - loss(batch)) > 1e-6 * loss(batch)

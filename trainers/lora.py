@@ -56,15 +56,14 @@ class LoraMethod(Method):
 
     def export(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
         parts = self.components
-        unet_sd = lora_state_dict(parts.denoiser)
-        texts = {name: lora_state_dict(model) if self.settings.text_encoder else None
-                 for name, model in parts.text_encoders.items()}
-        # the U-Net's config names the family and, for SDXL, the original module names kohya files use
-        kwargs = dict(text_2_sd=texts.get("text_encoder_2"), unet_config=parts.denoiser.config)
+        denoiser_sd = lora_state_dict(parts.denoiser)
+        texts = {name: lora_state_dict(model) for name, model in self.text_encoders().items()}
+        # the denoiser's config names the family and, for SDXL, the original module names kohya files use
+        kwargs = dict(text_2_sd=texts.get("text_encoder_2"), denoiser_config=parts.denoiser.config)
         meta = {**metadata, "trigger_words": ",".join(self.config.lora.trigger_words)}
-        save_diffusers(folder / DIFFUSERS_FILE, unet_sd, texts.get("text_encoder"), meta, settings=self.settings,
+        save_diffusers(folder / DIFFUSERS_FILE, denoiser_sd, texts.get("text_encoder"), meta, settings=self.settings,
                        **kwargs)
         if self.settings.use_dora:  # tools disagree on how kohya files store DoRA: diffusers layout only
             return [folder / DIFFUSERS_FILE]
-        save_kohya(folder / KOHYA_FILE, unet_sd, texts.get("text_encoder"), self.settings, meta, **kwargs)
+        save_kohya(folder / KOHYA_FILE, denoiser_sd, texts.get("text_encoder"), self.settings, meta, **kwargs)
         return [folder / DIFFUSERS_FILE, folder / KOHYA_FILE]
