@@ -68,12 +68,12 @@ def _generic(name: str) -> tuple[str, str | None]:
 @functools.cache
 def _table() -> tuple[FluxModule, ...]:
     from ldmcore.flux import FluxTransformerConfig
-    from ldmcore.single_file_flux import _table as checkpoint_table
+    from ldmcore.single_file_flux import module_table
 
     # one block of each kind and every optional module: the names of any Flux transformer, by template
     cfg = FluxTransformerConfig(num_layers=1, num_single_layers=1, guidance_embeds=True)
     out = []
-    for e in checkpoint_table(cfg):
+    for e in module_table(cfg):
         if e.norm:  # RMS norm scales: no LoRA there
             continue
         wide = next((i for i, s in enumerate(e.sizes) if s != cfg.inner_dim), None)

@@ -8,7 +8,7 @@ ComfyUI-style full checkpoints put it under `model.diffusion_model.`. Against di
     single_blocks.N.linear1          = rows of attn.to_q, to_k, to_v, proj_mlp           (d, d, d, 4d)
     final_layer.adaLN_modulation.1   = norm_out.linear with its halves swapped           (BFL shift, scale)
 
-and calls the q/k RMS norms' weights `scale`. Everything else is a rename (table in `_table`).
+and calls the q/k RMS norms' weights `scale`. Everything else is a rename (table in `module_table`).
 
 Public functions:
     original_to_diffusers(state, config) -> diffusers FluxTransformer2DModel state dict
@@ -36,7 +36,7 @@ LAYOUT = "Flux transformer, Black Forest Labs single-file layout"
 
 
 @dataclasses.dataclass(frozen=True)
-class _Entry:
+class ModuleEntry:
     """One module of the original file and the diffusers module(s) it holds."""
 
     original: str
@@ -51,53 +51,54 @@ class _Entry:
         return (("scale", "weight"),) if self.norm else (("weight", "weight"), ("bias", "bias"))
 
 
-def _table(cfg: FluxTransformerConfig) -> list[_Entry]:
+def module_table(cfg: FluxTransformerConfig) -> list[ModuleEntry]:
+    """Every module of the original layout for this config, with the diffusers module(s) it holds."""
     d = cfg.inner_dim
     entries = [
-        _Entry("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
-        _Entry("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
+        ModuleEntry("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
+        ModuleEntry("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
     ]
     if cfg.guidance_embeds:
         entries += [
-            _Entry("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
-            _Entry("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
+            ModuleEntry("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
+            ModuleEntry("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
         ]
     entries += [
-        _Entry("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
-        _Entry("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
-        _Entry("txt_in", ("context_embedder",)),
-        _Entry("img_in", ("x_embedder",)),
+        ModuleEntry("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
+        ModuleEntry("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
+        ModuleEntry("txt_in", ("context_embedder",)),
+        ModuleEntry("img_in", ("x_embedder",)),
     ]
     for i in range(cfg.num_layers):
         o, t = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         entries += [
-            _Entry(o + "img_mod.lin", (t + "norm1.linear",)),
-            _Entry(o + "txt_mod.lin", (t + "norm1_context.linear",)),
-            _Entry(o + "img_attn.qkv", tuple(t + f"attn.to_{p}" for p in "qkv"), (d, d, d)),
-            _Entry(o + "txt_attn.qkv", tuple(t + f"attn.add_{p}_proj" for p in "qkv"), (d, d, d)),
-            _Entry(o + "img_attn.norm.query_norm", (t + "attn.norm_q",), norm=True),
-            _Entry(o + "img_attn.norm.key_norm", (t + "attn.norm_k",), norm=True),
-            _Entry(o + "txt_attn.norm.query_norm", (t + "attn.norm_added_q",), norm=True),
-            _Entry(o + "txt_attn.norm.key_norm", (t + "attn.norm_added_k",), norm=True),
-            _Entry(o + "img_attn.proj", (t + "attn.to_out.0",)),
-            _Entry(o + "txt_attn.proj", (t + "attn.to_add_out",)),
-            _Entry(o + "img_mlp.0", (t + "ff.net.0.proj",)),
-            _Entry(o + "img_mlp.2", (t + "ff.net.2",)),
-            _Entry(o + "txt_mlp.0", (t + "ff_context.net.0.proj",)),
-            _Entry(o + "txt_mlp.2", (t + "ff_context.net.2",)),
+            ModuleEntry(o + "img_mod.lin", (t + "norm1.linear",)),
+            ModuleEntry(o + "txt_mod.lin", (t + "norm1_context.linear",)),
+            ModuleEntry(o + "img_attn.qkv", tuple(t + f"attn.to_{p}" for p in "qkv"), (d, d, d)),
+            ModuleEntry(o + "txt_attn.qkv", tuple(t + f"attn.add_{p}_proj" for p in "qkv"), (d, d, d)),
+            ModuleEntry(o + "img_attn.norm.query_norm", (t + "attn.norm_q",), norm=True),
+            ModuleEntry(o + "img_attn.norm.key_norm", (t + "attn.norm_k",), norm=True),
+            ModuleEntry(o + "txt_attn.norm.query_norm", (t + "attn.norm_added_q",), norm=True),
+            ModuleEntry(o + "txt_attn.norm.key_norm", (t + "attn.norm_added_k",), norm=True),
+            ModuleEntry(o + "img_attn.proj", (t + "attn.to_out.0",)),
+            ModuleEntry(o + "txt_attn.proj", (t + "attn.to_add_out",)),
+            ModuleEntry(o + "img_mlp.0", (t + "ff.net.0.proj",)),
+            ModuleEntry(o + "img_mlp.2", (t + "ff.net.2",)),
+            ModuleEntry(o + "txt_mlp.0", (t + "ff_context.net.0.proj",)),
+            ModuleEntry(o + "txt_mlp.2", (t + "ff_context.net.2",)),
         ]
     for i in range(cfg.num_single_layers):
         o, t = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         entries += [
-            _Entry(o + "modulation.lin", (t + "norm.linear",)),
-            _Entry(o + "linear1", (*(t + f"attn.to_{p}" for p in "qkv"), t + "proj_mlp"), (d, d, d, 4 * d)),
-            _Entry(o + "linear2", (t + "proj_out",)),
-            _Entry(o + "norm.query_norm", (t + "attn.norm_q",), norm=True),
-            _Entry(o + "norm.key_norm", (t + "attn.norm_k",), norm=True),
+            ModuleEntry(o + "modulation.lin", (t + "norm.linear",)),
+            ModuleEntry(o + "linear1", (*(t + f"attn.to_{p}" for p in "qkv"), t + "proj_mlp"), (d, d, d, 4 * d)),
+            ModuleEntry(o + "linear2", (t + "proj_out",)),
+            ModuleEntry(o + "norm.query_norm", (t + "attn.norm_q",), norm=True),
+            ModuleEntry(o + "norm.key_norm", (t + "attn.norm_k",), norm=True),
         ]
     entries += [
-        _Entry("final_layer.linear", ("proj_out",)),
-        _Entry("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),
+        ModuleEntry("final_layer.linear", ("proj_out",)),
+        ModuleEntry("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),
     ]
     return entries
 
@@ -140,7 +141,7 @@ def original_to_diffusers(
     cfg = _as_config(config)
     prefix = PREFIX if any(k.startswith(PREFIX) for k in state) else ""
     own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    entries = _table(cfg)
+    entries = module_table(cfg)
     what = f"the checkpoint ({LAYOUT}{', under ' + prefix if prefix else ''})"
     hint = f"check the transformer config ({_describe(cfg)}) against the file, or read it with config_from_original"
     _check_keys(own, [f"{e.original}.{o}" for e in entries for o, _ in e.params], what, prefix, hint)
@@ -175,7 +176,7 @@ def diffusers_to_original(
     """A diffusers FluxTransformer2DModel state dict -> BFL names (fused q/k/v and linear1, swapped final
     modulation), each key under `prefix` ("" for a BFL-style transformer file, `PREFIX` for a full checkpoint)."""
     cfg = _as_config(config)
-    entries = _table(cfg)
+    entries = module_table(cfg)
     what = "the diffusers Flux transformer state dict"
     hint = f"check the transformer config ({_describe(cfg)}) against the weights"
     _check_keys(state, [f"{name}.{d}" for e in entries for name in e.diffusers for _, d in e.params], what, "", hint)
