@@ -5,8 +5,9 @@ Flux's CLIP-L), through peft.
 around the model: the trainer keeps calling the same denoiser) and freezes everything else; which
 layers a preset target names depends on the model (UNET_TARGETS, FLUX_TARGETS).
 `lora_state_dict` / `set_lora_state_dict` move the adapter weights in peft's key layout, which is
-also the layout of diffusers' files. The file formats live in lora_formats.py and are re-exported
-here; `merge_lora` folds a file into plain weights, `describe` says what a file holds.
+also the layout of diffusers' files. The file formats live in lora_formats.py (reading either) and the
+files it names (lora_state, lora_family, lora_diffusers, lora_kohya, lora_flux); their API is re-exported
+here. `merge_lora` folds a file into plain weights, `describe` says what a file holds.
 """
 from __future__ import annotations
 
@@ -21,20 +22,12 @@ from torch import nn
 
 from ldmcore.weights import CheckpointError, check_state_dict, preview_keys
 
-from .lora_formats import (  # noqa: F401  (re-exported: the one import point for LoRA)
-    DIFFUSERS_FILE,
-    FAMILIES,
-    KOHYA_FILE,
-    TEXT_PREFIX,
-    LoraFile,
-    bare_text_name,
-    load_lora_file,
-    lora_family,
-    save_diffusers,
-    save_kohya,
-    split_modules,
-)
-from .lora_formats import DENOISER
+# re-exported: the one import point for LoRA
+from .lora_diffusers import save_diffusers  # noqa: F401
+from .lora_family import DENOISER, FAMILIES, lora_family
+from .lora_formats import LoraFile, load_lora_file  # noqa: F401
+from .lora_kohya import save_kohya  # noqa: F401
+from .lora_state import DIFFUSERS_FILE, KOHYA_FILE, TEXT_PREFIX, bare_text_name, split_modules  # noqa: F401
 
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 _FF = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")

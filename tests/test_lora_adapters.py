@@ -28,7 +28,7 @@ from adapters.lora import (
     set_lora_state_dict,
 )
 from adapters.__main__ import main as adapters_main
-from adapters.lora_formats import kohya_name, module_from_kohya
+from adapters.lora_kohya import kohya_name, module_from_kohya
 from ldmcore.attention import Attention, FeedForward, Transformer2DModel
 from ldmcore.checkpoints import Components, load_components
 from ldmcore.resnet import Downsample2D, ResnetBlock2D, Upsample2D

@@ -27,7 +27,7 @@ from adapters.lora import (
     save_kohya,
     set_lora_state_dict,
 )
-from adapters.lora_formats import KohyaNames
+from adapters.lora_kohya import KohyaNames
 from ldmcore.presets import TINY
 from ldmcore.single_file import unet_module_names
 from ldmcore.text import build_word_tokenizer
