@@ -1,14 +1,19 @@
 """Peak memory per process and step time of the trainer on 1, 2, ... processes, with and without
-DeepSpeed ZeRO, and what the memory figures predict for SD 1.5 and SDXL on 8-24 GB cards.
+DeepSpeed ZeRO, and what the memory figures predict for SD 1.5, SDXL and Flux.1-dev on 8-24 GB cards.
 
-Part 1, activation memory (measured). One training step of a U-Net, batch 1, gradient
+Part 1, activation memory (measured). One training step of a denoiser, batch 1, gradient
 checkpointing, bf16 autocast, at two picture sides, each after a warm-up step at that side, each
 architecture and mode in its own process: the rise of the peak over the step above what was held
 before it (CUDA: the allocator's peak; CPU: the peak resident set, reset through
 /proc/self/clear_refs, with MALLOC_MMAP_THRESHOLD_ set so that freed tensors leave it). `lora`:
-frozen bf16 base, LoRA (float32) on the attention projections; `full`: every weight trains, each
-gradient dropped once accumulated (gradients are state, counted by the memory model). The figure
-at another size is read off the line through the two measured ones, in pixels.
+frozen bf16 base, LoRA (float32) on the attention projections; `lora-nf4`, `lora-int8`: the same
+on a base quantised as train.base_quantization does it (its layers dequantise their weights for each
+matmul and return their input's dtype, so its activations are its own); `full`: every weight trains,
+each gradient dropped once accumulated (gradients are state, counted by the memory model). The
+figure at another size is read off the line through the two measured ones, in pixels. Flux.1-dev
+(its three LoRA modes) is measured at its real widths with 1 + 2 and 2 + 4 (double + single-stream) blocks, and the
+figure at its 19 + 38 read off the line through the two depths: gradient checkpointing keeps each
+block's input, the same size for every block.
 
 Part 2, the trainer (measured). For each model (`tiny`: the test preset; `sd15`: the SD 1.5
 architecture with random weights, saved to a temporary folder), method and accelerate config:
@@ -29,20 +34,31 @@ its process tree grows past that anyway.
 
 Part 3, the prediction (`--predict` alone, or after part 2): GiB per GPU for SD 1.5 at 512 px and
 SDXL at 1024 px, batch 1 per GPU, bf16 mixed precision, gradient checkpointing, the VAE and text
-encoder(s) on the card in float32 as trainers/loop.py keeps them: weights, gradients and optimizer
-state as `state_bytes` counts them, plus part 1's activations. Every parameter count is taken from
-the presets (`ldmcore.presets`: SD15, SDXL with its size conditioning, `add_embedding`), the
-models built on the meta device; part 1 measures the same U-Nets, SDXL's called with its
-`added_cond_kwargs`. A setup fits a card when it needs
-at most 90% of it: the rest is for the CUDA context (which max_memory_allocated does not count) and
-fragmentation. A cell "10.9 (12)" reads: 10.9 GiB, fits a 12 GB card and larger.
+encoder(s) off the card during the steps (trainers/loop.py moves them off once the cache is built):
+weights, gradients and optimizer state as `state_bytes` counts them, plus part 1's activations.
+Every parameter count is taken from the presets (`ldmcore.presets`: SD15, SDXL with its size
+conditioning, `add_embedding`, FLUX_DEV with CLIP-L and T5-XXL), the models built on the meta device;
+part 1 measures the same denoisers, SDXL's called with its `added_cond_kwargs`, Flux's with T5 states
+of its 512 tokens. A setup fits a card when it needs at most 90% of it: the rest is for the CUDA
+context (which max_memory_allocated does not count) and fragmentation. A cell "10.9 (12)" reads:
+10.9 GiB, fits a 12 GB card and larger.
+
+Then Flux.1-dev LoRA r16 at 1024 px on one GPU, by the base's precision: bf16, NF4 and int8
+(train.base_quantization; `base_bytes`: NF4 0.516 B per Linear weight with bitsandbytes' double
+quantization, int8 1 B and a float32 scale per row, the rest in bf16; each base's own activations),
+with its parts, fits / does not fit on 12, 16 and 24 GB cards, and
+what building the cache and validation sampling hold (the encoders on the card in float32). And
+its check on this machine (`flux_check`, measured): the same model and a real step (quantised
+base, LoRA, checkpointing, AdamW) of flux-dev's widths with 2 + 4 blocks at 384 px, a side part 1
+did not measure, predicted against measured, weights (`ldmcore.quantize.quantized_bytes`) and peak.
 
     python bench/scaling.py --model tiny --out tiny.json   # parts 1-3; every config on 1 and 2 processes
     python bench/scaling.py --model sd15 --methods lora,full,full-8bit --processes 2 --steps 4 \\
         --activations-from tiny.json                        # part 1 reused; what fits this machine
     python bench/scaling.py --predict                       # parts 1 and 3 only
 
-On 2 CPU cores: part 1 about 6 min, the tiny runs 4 min, the SD 1.5 runs above 11 min.
+On 2 CPU cores: part 1 about 5 min for the U-Nets and 14 min for Flux (three bases at two depths),
+the Flux check 4.5 min, the tiny runs 4 min, the SD 1.5 runs above 11 min.
 """
 from __future__ import annotations
 
@@ -66,13 +82,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from adapters.lora import LoraSettings, add_lora  # noqa: E402
-from bench.unet_step import MEMORY_ENV, spawn, unet_inputs  # noqa: E402
-from ldmcore.checkpoints import _text_model_class  # noqa: E402
-from ldmcore.family import get_family  # noqa: E402
-from ldmcore.presets import get_preset  # noqa: E402
-from ldmcore.unet import UNet  # noqa: E402
+from bench.unet_step import (MEMORY_ENV, bench_preset, bench_timestep, call_denoiser, denoiser_inputs,  # noqa: E402
+                             family_of, latent_shape, seeded_lora_model, seeded_model, spawn,
+                             with_blocks)
+from ldmcore.checkpoints import _text_config, _text_model_class  # noqa: E402
+from ldmcore.quantize import quantized_bytes  # noqa: E402
 from ldmcore.vae import AutoencoderKL  # noqa: E402
+from trainers.config import TrainConfig  # noqa: E402
 from trainers.distributed import ZERO_BUFFERS  # noqa: E402
+from trainers.optim import make_optimizer  # noqa: E402
 
 GIB = 2**30
 CARDS = (8, 12, 16, 24)  # GiB: an "8 GB" card has 8 GiB
@@ -83,7 +101,15 @@ WORDS = "a red green blue circle square on white black background".split()
 
 # -- the memory model -------------------------------------------------------------------------------
 
-AUX_BYTES = 4  # trainers/loop.py keeps the VAE and text encoder(s) on the device in float32
+# trainers/loop.py loads the VAE and text encoder(s) in float32, and once the cache is built moves them
+# off the device (methods that read the cache: all modelled here); they come back for validation sampling
+AUX_BYTES = 4
+# A frozen base in 4 or 8 bits (train.base_quantization; bitsandbytes, as ldmcore.quantize builds it): its
+# Linear weights. NF4: 4-bit codes, an absmax per block of 64 weights, itself quantised to 8 bits with a
+# float32 scale per 256 blocks (bitsandbytes' double quantization, Params4bit's default); int8: 1 B a
+# weight and a float32 scale per output row. Everything else of the base (biases, norms) stays in bf16.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+INT8_BYTES, INT8_ROW_BYTES = 1, 4
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # both moments, per trained parameter
 # The ZeRO buffer sizes the trainer fills in where the DeepSpeed config leaves them out:
 REDUCE_BUCKET = ZERO_BUFFERS["reduce_bucket_size"]  # elements: the gradient bucket each ZeRO-2/3 rank allocates, in bf16
@@ -95,17 +121,22 @@ BNB_CPU_STEP_BYTES = 20
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
-    unet: float  # parameters
+    denoiser: float  # parameters (a U-Net, Flux's transformer)
     text: float  # text encoder(s)
     vae: float
     lora_per_rank: float  # LoRA parameters per unit of rank on the attention projections
-    largest: float  # parameters of the U-Net's largest tensor
+    largest: float  # parameters of the denoiser's largest tensor
+    linear: float = 0.0  # weights of its nn.Linear layers: what a 4/8-bit base quantises
+    linear_rows: float = 0.0  # their output rows
+    largest_linear: float = 0.0  # parameters of the largest Linear weight
+    blocks: int = 0  # Flux: double- plus single-stream blocks, by which its activations grow; a U-Net: 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     trainer: str  # `method:` of the training config
     optimizer: str  # train.optimizer.name
+    base: str = "bf16"  # the frozen base: bf16, or train.base_quantization nf4 / int8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +147,22 @@ class Setup:
     ddp: bool = False  # DistributedDataParallel's gradient buckets
 
 
-METHODS = {"lora": Method("lora", "adamw"), "full": Method("full", "adamw"), "full-8bit": Method("full", "adamw8bit")}
+METHODS = {"lora": Method("lora", "adamw"), "lora-nf4": Method("lora", "adamw", "nf4"),
+           "lora-int8": Method("lora", "adamw", "int8"), "full": Method("full", "adamw"),
+           "full-8bit": Method("full", "adamw8bit")}
 CONFIGS = ("single", "multi", "zero2", "zero2_offload", "zero3")
 PREDICTED = {"sd15": 512, "sdxl": 1024}  # native side
-ACTIVATION_SIDES = {"tiny": (64, 128), "sd15": (256, 512), "sdxl": (256, 512)}  # px, measured in part 1
+ACTIVATION_SIDES = {"tiny": (64, 128), "sd15": (256, 512), "sdxl": (256, 512), "flux-dev": (256, 512)}  # px, part 1
+ACTIVATION_MODES = {"flux-dev": ("lora", "lora-nf4", "lora-int8")}  # by model; others: lora and full
+# Flux is measured at its real widths at two depths (double, single blocks; 1:2 as in Flux.1's 19 + 38) and
+# read off the line through them at its own depth
+ACTIVATION_BLOCKS = {"flux-dev": ((1, 2), (2, 4))}
+FLUX_PREDICTED = {"flux-dev": 1024}  # Flux.1-dev LoRA, one GPU, by the base's precision
+FLUX_METHODS = {"bf16": "lora", "NF4": "lora-nf4", "int8": "lora-int8"}
+FLUX_RANK = 16
+FLUX_CARDS = (12, 16, 24)
+# the check of the Flux prediction on this machine: the scaled-down model at a side part 1 did not measure
+FLUX_CHECK_BLOCKS, FLUX_CHECK_SIDE = (2, 4), 384
 PREDICTED_METHODS = {"LoRA r16": ("lora", 16), "LoRA r64": ("lora", 64), "full, AdamW": ("full", 0),
                      "full, 8-bit AdamW": ("full-8bit", 0)}
 PREDICTED_SETUPS = {"1 GPU": Setup(0, 1), "DDP, any N": Setup(0, 2, ddp=True), "ZeRO-2 x2": Setup(2, 2),
@@ -141,22 +184,25 @@ def refused(method: Method, setup: Setup) -> str | None:
 
 def state_bytes(arch: Arch, method: Method, rank: int, setup: Setup, cpu: bool = False) -> tuple[float, float]:
     """(device, host) bytes per process for weights, gradients and optimizer state. `cpu`: the
-    device is a CPU, which counts a page only once written (a bucket as far as gradients fill it)."""
+    device is a CPU, which counts a page only once written (a bucket as far as gradients fill it),
+    and the host, which keeps the VAE and text encoders the loop moves off the device."""
     trained = trained_params(arch, method, rank)
-    frozen = 0 if method.trainer == "full" else arch.unet  # LoRA: the U-Net base
-    aux = AUX_BYTES * (arch.text + arch.vae)
+    frozen = 0 if method.trainer == "full" else arch.denoiser  # LoRA: the denoiser's base
+    aux = AUX_BYTES * (arch.text + arch.vae) if cpu else 0.0
     opt = OPTIMIZER_BYTES[method.optimizer]
     n = setup.gpus
     if setup.zero == 0:
-        # accelerate + autocast, as trainers/loop.py: the frozen base in bf16 (2 B); the trained
-        # weights (4 B), their gradients (4 B) and the optimizer state in float32; DDP's gradient
-        # buckets hold a second copy of the gradients (4 B; gradient_as_bucket_view is off)
-        return aux + 2 * frozen + (4 + 4 + opt + (4 if setup.ddp else 0)) * trained, 0.0
+        # accelerate + autocast, as trainers/loop.py: the frozen base in bf16 (2 B) or quantised
+        # (`base_bytes`); the trained weights (4 B), their gradients (4 B) and the optimizer state in
+        # float32; DDP's gradient buckets hold a second copy of the gradients (4 B; gradient_as_bucket_view
+        # is off). What a quantised base does while it steps (its weights dequantised layer by layer,
+        # activations in its input's dtype) is in its measured activations.
+        return aux + base_bytes(arch, method) + (4 + 4 + opt + (4 if setup.ddp else 0)) * trained, 0.0
     # DeepSpeed bf16: the engine holds the prepared module (for LoRA the base too) in bf16 (2 B),
     # ZeRO-3 shards it but keeps up to MAX_LIVE gathered; each rank keeps 1/n of the fp32 master
     # weights (4 B), of the optimizer state, and of the gradients: bf16 (2 B) plus the fp32 copy
     # made at the step (4 B); plus one REDUCE_BUCKET gradient bucket in bf16.
-    module = 2 * (frozen + trained) / (n if setup.zero == 3 else 1)
+    module = (base_bytes(arch, method) + 2 * trained) / (n if setup.zero == 3 else 1)
     gathered = 2 * min(frozen + trained, MAX_LIVE) if setup.zero == 3 else 0
     bucket = 2 * (min(REDUCE_BUCKET, trained) if cpu else REDUCE_BUCKET)
     on_device = aux + module + gathered + bucket + 2 * trained / n
@@ -165,11 +211,35 @@ def state_bytes(arch: Arch, method: Method, rank: int, setup: Setup, cpu: bool =
 
 
 def trained_params(arch: Arch, method: Method, rank: int) -> float:
-    return arch.unet if method.trainer == "full" else arch.lora_per_rank * rank
+    return arch.denoiser if method.trainer == "full" else arch.lora_per_rank * rank
 
 
-def activation_gib(measured: dict, side: int) -> float:
-    """Activation memory at `side` px, on the line through the two measured sizes (in pixels)."""
+def base_bytes(arch: Arch, method: Method) -> float:
+    """Bytes of the frozen denoiser's weights on the device (none for a full fine-tune: its weights train)."""
+    if method.trainer == "full":
+        return 0.0
+    if method.base == "bf16":
+        return 2 * arch.denoiser
+    rest = 2 * (arch.denoiser - arch.linear)  # biases, norms (and a U-Net's convolutions) stay in bf16
+    quantised = {"nf4": NF4_BYTES * arch.linear, "int8": INT8_BYTES * arch.linear + INT8_ROW_BYTES * arch.linear_rows}
+    return quantised[method.base] + rest
+
+
+def activation_mode(method: Method) -> str:
+    """The part 1 measurement a method's activations come from: LoRA or full, and a quantised base's
+    own (bitsandbytes' layers dequantise their weights for each matmul and return their input's dtype,
+    so under autocast a quantised base's activations are not a bf16 base's)."""
+    return method.trainer if method.base == "bf16" else f"{method.trainer}-{method.base}"
+
+
+def activation_gib(measured: dict, side: int, blocks: int = 0) -> float:
+    """Activation memory at `side` px, on the line through the two measured sizes (in pixels); for
+    Flux, measured at two depths, that at each depth and then on the line through them at `blocks`
+    (gradient checkpointing keeps each block's input, the same size for every block)."""
+    if "blocks" in measured:
+        (l1, l2) = measured["blocks"]
+        a1, a2 = (activation_gib({"sides": measured["sides"], "gib": g}, side) for g in measured["gib"])
+        return max(a2 + (a2 - a1) / (l2 - l1) * (blocks - l2), 0.0)
     (s1, s2), (a1, a2) = measured["sides"], measured["gib"]
     return max(a2 + (a2 - a1) / (s2**2 - s1**2) * (side**2 - s2**2), 0.0)
 
@@ -189,85 +259,84 @@ def run_prediction(arch: Arch, method: Method, rank: int, setup: Setup, act_gib:
     # trainers/loop.py loads the U-Net first, in float32, through ldmcore's from_pretrained, which
     # counts it twice in the resident set for a moment: the module, and the pages of the weights file
     # that safetensors maps and the copy reads (page cache, reclaimable, but counted by ru_maxrss)
-    load = PROCESS_GIB + 2 * 4 * arch.unet / GIB
+    load = PROCESS_GIB + 2 * 4 * arch.denoiser / GIB
     if cpu:
         steps = PROCESS_GIB + device + host
         if method.optimizer == "adamw8bit":  # it steps one parameter at a time, or a ZeRO rank's flat partition
             trained = trained_params(arch, method, rank)
             steps += BNB_CPU_STEP_BYTES * (trained / setup.gpus if setup.zero else min(arch.largest, trained)) / GIB
         return {"steps": steps, "peak": max(load, steps), "host": max(load, steps)}
-    return {"steps": device, "peak": device, "host": max(load, PROCESS_GIB + host)}
+    return {"steps": device, "peak": device, "host": max(load, PROCESS_GIB + host + AUX_BYTES * (arch.text + arch.vae) / GIB)}
 
 
 def smallest_card(gib: float) -> str:
     return next((str(c) for c in CARDS if gib <= (1 - HEADROOM) * c), "-")
 
 
-def make_arch(unet_config: dict, unet: float, text: float, vae: float) -> Arch:
-    """LoRA's size and the largest tensor are counted on the architecture, built on the meta device."""
+def make_arch(preset, denoiser: float, text: float, vae: float) -> Arch:
+    """LoRA's size, the largest tensor and the Linear layers are counted on the architecture, built on
+    the meta device."""
+    preset = bench_preset(preset)
     with torch.device("meta"):
-        model = UNet.from_config(dict(unet_config))
+        model = family_of(preset).denoiser_class().from_config(dict(preset.denoiser))
     largest = max(p.numel() for p in model.parameters())
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     add_lora(model, LoraSettings(rank=1, alpha=1, targets="attention"))
     per_rank = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Arch(unet, text, vae, per_rank, largest)
+    blocks = preset.denoiser.get("num_layers", 0) + preset.denoiser.get("num_single_layers", 0)
+    return Arch(denoiser, text, vae, per_rank, largest, linear=float(sum(m.weight.numel() for m in linears)),
+                linear_rows=float(sum(m.out_features for m in linears)),
+                largest_linear=float(max(m.weight.numel() for m in linears)), blocks=blocks)
 
 
-def preset_arch(name: str) -> Arch:
-    """The sizes of a preset's models, counted on the meta device: the U-Net (SDXL's with its
-    `add_embedding`), the family's text encoders with the preset's full vocabulary, the VAE."""
-    from transformers import CLIPTextConfig
-
-    preset = get_preset(name)
+def preset_arch(name) -> Arch:
+    """The sizes of a preset's models, counted on the meta device: the denoiser (SDXL's with its
+    `add_embedding`), the family's text encoders with the preset's full vocabulary (Flux: CLIP-L and
+    T5-XXL), the VAE."""
+    preset = bench_preset(name)
     configs = {"text_encoder": preset.text_encoder, "text_encoder_2": preset.text_encoder_2}
     with torch.device("meta"):
-        unet = UNet.from_config(dict(preset.denoiser))
-        texts = [_text_model_class(kind)(CLIPTextConfig(**configs[part]))
-                 for part, _, kind in get_family(preset.family).text_parts]
+        denoiser = family_of(preset).denoiser_class().from_config(dict(preset.denoiser))
+        texts = [_text_model_class(kind)(_text_config(kind, configs[part]))
+                 for part, _, kind in family_of(preset).text_parts]
         vae = AutoencoderKL.from_config(dict(preset.vae))
 
     def count(*models) -> float:
         return float(sum(p.numel() for m in models for p in m.parameters()))
 
-    return make_arch(preset.denoiser, count(unet), count(*texts), count(vae))
+    return make_arch(preset, count(denoiser), count(*texts), count(vae))
 
 
 def predicted_arches() -> dict[str, Arch]:
-    return {name: preset_arch(name) for name in PREDICTED}
+    return {name: preset_arch(name) for name in [*PREDICTED, *FLUX_PREDICTED]}
 
 
 # -- workers, one process each ------------------------------------------------------------------------
 
 
 def activations_worker(args) -> dict:
-    """Part 1 for one architecture and mode (see the module docstring)."""
+    """Part 1 for one architecture, mode (and for Flux depth; see the module docstring)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = dict(get_preset(args.arch).denoiser)
-    with torch.device("meta"):
-        unet = UNet.from_config(config)
-    unet.to(torch.bfloat16).to_empty(device=device)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.normal_(0, 0.02)
-    if args.mode == "lora":
-        unet.requires_grad_(False)
-        add_lora(unet, LoraSettings(rank=args.rank, alpha=args.rank, targets="attention"))
-        for p in unet.parameters():
-            p.data = p.data.to(device, torch.float32 if p.requires_grad else torch.bfloat16)
+    preset = worker_preset(args)
+    trainer, _, base = args.mode.partition("-")
+    if trainer == "lora":
+        model, _ = seeded_lora_model("ldmcore", preset, args.rank, device, torch.bfloat16, base or None)
     else:
-        for p in unet.parameters():
+        model, _ = seeded_model("ldmcore", preset, device, torch.bfloat16)
+        for p in model.parameters():
             p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
-    unet.set_gradient_checkpointing(True)
-    unet.train()
+    model.set_gradient_checkpointing(True)
+    model.train()
     g = torch.Generator().manual_seed(0)
-    t = torch.full((1,), 500, device=device)
+    t = bench_timestep(preset, 1, device)  # (1,) 500, or sigma 0.5
 
     def step(side: int) -> None:
-        # encoder_hidden_states (1, 77, width); SDXL: added_cond_kwargs, pooled (1, 1280) and size ids (1, 6)
-        inputs = unet_inputs(args.arch, 1, side, g, device, torch.float32)
-        x = torch.randn(1, 4, side // 8, side // 8, generator=g).to(device)  # (1, 4, h, w) noisy latents
+        # encoder_hidden_states (1, 77, width); SDXL: added_cond_kwargs, pooled (1, 1280) and size ids (1, 6);
+        # Flux: T5 states (1, 512, 4096), pooled (1, 768), guidance (1,)
+        inputs = denoiser_inputs(preset, 1, side, g, device, torch.float32)
+        x = torch.randn(latent_shape(preset, 1, side), generator=g).to(device)  # (1, c, h, w) noisy latents
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = unet(x, t, **inputs)  # (1, 4, h, w)
+            out = call_denoiser(model, x, t, inputs)  # (1, c, h, w)
         torch.nn.functional.mse_loss(out.float(), torch.zeros_like(x)).backward()
 
     rises = []
@@ -277,6 +346,50 @@ def activations_worker(args) -> dict:
         step(side)
         rises.append((_memory_peak(device) - before) / GIB)
     return {"sides": args.sides, "gib": rises}
+
+
+def flux_check_worker(args) -> dict:
+    """The check of the Flux prediction: LoRA steps of a Flux transformer as trainers/loop.py runs them
+    (the base in bf16 or quantised, `args.base`; LoRA in float32; gradient checkpointing; bf16 autocast;
+    AdamW; gradients set to None after each step), batch 1 at `args.sides[0]` px. Returns the peak over
+    a step after a warm-up step above what the process held before the model was built (CUDA: the
+    allocator's; CPU: the resident set's), and the bytes of the model's weights (quantized_bytes)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = worker_preset(args)
+    quantization = None if args.base == "bf16" else args.base
+    # what building imports (peft, bitsandbytes' layers) is imported first, by building tiny-flux alike: on a
+    # CPU modules are resident memory too, which is not the model's (on CUDA the allocator never sees them)
+    seeded_lora_model("ldmcore", "tiny-flux", 4, device, torch.bfloat16, quantization)
+    start = _reset_peak(device)
+    model, lora = seeded_lora_model("ldmcore", preset, args.rank, device, torch.bfloat16, quantization)
+    model.set_gradient_checkpointing(True)
+    opt = make_optimizer([p for _, p in lora], TrainConfig(max_steps=1))
+    g = torch.Generator().manual_seed(0)
+    side = args.sides[0]
+    inputs = denoiser_inputs(preset, 1, side, g, device, torch.float32)
+    x = torch.randn(latent_shape(preset, 1, side), generator=g).to(device)  # (1, 16, h, w)
+    target = torch.randn(x.shape, generator=g).to(device)
+    t = bench_timestep(preset, 1, device)
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = call_denoiser(model, x, t, inputs)
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step()  # the optimizer's state appears here
+    _reset_peak(device)
+    loss = step()
+    return {"steps_gib": (_memory_peak(device) - start) / GIB, "weights_gib": quantized_bytes(model) / GIB,
+            "lora_params": sum(p.numel() for _, p in lora), "loss": loss}
+
+
+def worker_preset(args):
+    preset = bench_preset(args.arch)
+    return with_blocks(preset, *map(int, args.blocks.split(","))) if args.blocks else preset
 
 
 def _reset_peak(device) -> int:
@@ -322,31 +435,43 @@ def world_worker(args) -> dict:
     for i in range(args.pictures):
         Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / "data" / f"p{i}.png")
         (folder / "data" / f"p{i}.txt").write_text(f"a {WORDS[1 + i % 3]} circle")
-    return {name: sum(p.numel() for p in getattr(parts, name).parameters()) for name in ("unet", "text_encoder", "vae")}
+    return {name: sum(p.numel() for p in getattr(parts, name).parameters()) for name in ("denoiser", "text_encoder", "vae")}
 
 
 # -- part 1: activations ----------------------------------------------------------------------------
 
 
-def measure_activations(names: list[str], args) -> dict:
+def measure_activations(needed: dict[str, list[str]], args) -> dict:
+    """Part 1 for each model and its modes (`activation_mode`)."""
     found = {}
-    for name in names:
-        for mode in ("lora", "full"):
+    for name, modes in needed.items():
+        flux = name in ACTIVATION_BLOCKS
+        for mode in modes:
             argv = ["--worker", "activations", "--arch", name, "--mode", mode, "--rank", str(args.rank),
                     "--sides", *map(str, ACTIVATION_SIDES[name])]
-            found.setdefault(name, {})[mode] = spawn(__file__, argv, f"activations {name} {mode}", _env())
+            if not flux:
+                found.setdefault(name, {})[mode] = spawn(__file__, argv, f"activations {name} {mode}", _env())
+                continue
+            depths = [spawn(__file__, [*argv, "--blocks", f"{d},{s}"], f"activations {name} {mode} {d}+{s} blocks",
+                            _env()) for d, s in ACTIVATION_BLOCKS[name]]
+            found.setdefault(name, {})[mode] = {"sides": depths[0]["sides"],
+                                                "blocks": [d + s for d, s in ACTIVATION_BLOCKS[name]],
+                                                "gib": [m["gib"] for m in depths]}
     return found
 
 
 def print_activations(found: dict) -> None:
     print("\nActivation memory per picture (batch 1, gradient checkpointing, bf16), measured:")
-    print("| U-Net | mode | " + " | ".join(["side", "GiB"] * 2) + " | per megapixel, between the two |")
+    print("| denoiser | mode | " + " | ".join(["side", "GiB"] * 2) + " | per megapixel, between the two |")
     print("|---|---|---|---|---|---|---|")
     for name, modes in found.items():
         for mode, m in modes.items():
-            (s1, s2), (a1, a2) = m["sides"], m["gib"]
-            per_megapixel = (a2 - a1) / (s2**2 - s1**2) * 1e6
-            print(f"| {name} | {mode} | {s1} px | {a1:.3f} | {s2} px | {a2:.3f} | {per_megapixel:.3f} GiB |")
+            depths = zip(m["blocks"], m["gib"]) if "blocks" in m else [(None, m["gib"])]
+            for blocks, (a1, a2) in depths:
+                (s1, s2) = m["sides"]
+                per_megapixel = (a2 - a1) / (s2**2 - s1**2) * 1e6
+                label = f"{name} ({blocks} blocks)" if blocks else name
+                print(f"| {label} | {mode} | {s1} px | {a1:.3f} | {s2} px | {a2:.3f} | {per_megapixel:.3f} GiB |")
 
 
 # -- part 2: the trainer ------------------------------------------------------------------------------
@@ -360,15 +485,15 @@ def measure_model(model: str, args, acts: dict, timings: dict) -> list[dict]:
         pictures = max(8, args.batch_size * max(args.processes))
         counts = spawn(__file__, ["--worker", "world", "--arch", model, "--folder", tmp, "--pictures", str(pictures),
                                   "--resolution", str(side)], f"building {model}", _env())
-        arch = make_arch(get_preset(model).denoiser, counts["unet"], counts["text_encoder"], counts["vae"])
+        arch = make_arch(model, counts["denoiser"], counts["text_encoder"], counts["vae"])
         timings[f"{model}: build the model folder"] = time.perf_counter() - start
-        print(f"\n{model}: {counts['unet'] / 1e6:.1f}M U-Net parameters, {side} px, batch {args.batch_size} per "
+        print(f"\n{model}: {counts['denoiser'] / 1e6:.1f}M U-Net parameters, {side} px, batch {args.batch_size} per "
               f"process, {args.steps} steps; model folder built in {timings[f'{model}: build the model folder']:.0f} s")
         print_runs_header()
         start = time.perf_counter()
         for method_name in args.methods:
             method = METHODS[method_name]
-            act = activation_gib(acts[model][method.trainer], side) * args.batch_size
+            act = activation_gib(acts[model][activation_mode(method)], side) * args.batch_size
             baseline = None
             for config, n in [("single", 1)] + [(c, n) for c in args.configs if c != "single" for n in args.processes]:
                 row = {"model": model, "method": method_name, "config": config, "processes": n}
@@ -403,6 +528,7 @@ def run_one(method: Method, config: str, n: int, arch: Arch, act: float, side: i
                  "train.gradient_checkpointing=true", f"train.optimizer.name={method.optimizer}"]
     overrides += ([f"lora.rank={args.rank}", f"lora.alpha={args.rank}"] if method.trainer == "lora"
                   else ["full.single_file=false"])
+    overrides += [f"train.base_quantization={method.base}"] if method.base != "bf16" else []
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", str(n),
            "--main_process_port", str(_free_port())]
@@ -525,7 +651,7 @@ def prediction(arches: dict[str, Arch], acts: dict) -> list[dict]:
     for model, side in PREDICTED.items():
         for label, (method_name, rank) in PREDICTED_METHODS.items():
             method = METHODS[method_name]
-            act = activation_gib(acts[model][method.trainer], side)
+            act = activation_gib(acts[model][activation_mode(method)], side)
             for setup_name, setup in PREDICTED_SETUPS.items():
                 row = {"model": model, "side": side, "method": label, "setup": setup_name}
                 if refused(method, setup):
@@ -553,6 +679,92 @@ def print_prediction(rows: list[dict]) -> None:
                   f"(master weights, fp32 gradients, optimizer state); activations {r['activations_gib']:.2f} GiB")
 
 
+def flux_prediction(arches: dict[str, Arch], acts: dict) -> list[dict]:
+    """Flux.1 LoRA on one GPU by the base's precision: the steps' peak and its parts, and the two moments
+    outside the steps when the VAE and text encoders are on the card (float32, as the loop loads them):
+    building the cache (before the denoiser comes to the device) and validation sampling (beside the
+    base, the LoRA weights and the optimizer state; plus sampling's activations, not modelled)."""
+    rows = []
+    for model, side in FLUX_PREDICTED.items():
+        arch = arches[model]
+        encoders = AUX_BYTES * (arch.text + arch.vae) / GIB
+        for label, method_name in FLUX_METHODS.items():
+            method = METHODS[method_name]
+            act = activation_gib(acts[model][activation_mode(method)], side, arch.blocks)
+            trained = trained_params(arch, method, FLUX_RANK)
+            device, _ = predict_gib(arch, method, FLUX_RANK, Setup(0, 1), act)
+            base = base_bytes(arch, method) / GIB
+            rows.append({"model": model, "side": side, "rank": FLUX_RANK, "base": label, "gib": device,
+                         "base_gib": base,
+                         "lora_state_gib": (4 + 4 + OPTIMIZER_BYTES[method.optimizer]) * trained / GIB,
+                         "activations_gib": act, "fits": {c: fits(device, c) for c in FLUX_CARDS},
+                         "cache_gib": encoders,
+                         "validation_gib": base + (4 + OPTIMIZER_BYTES[method.optimizer]) * trained / GIB + encoders})
+    return rows
+
+
+def fits(gib: float, card: int) -> bool:
+    return gib <= (1 - HEADROOM) * card
+
+
+def print_flux_prediction(rows: list[dict], arches: dict[str, Arch]) -> None:
+    for model, side in FLUX_PREDICTED.items():
+        arch, group = arches[model], [r for r in rows if r["model"] == model]
+        print(f"\nPREDICTED GiB on one GPU: {model} ({arch.denoiser / 1e9:.2f}B transformer parameters, {arch.blocks} "
+              f"blocks), LoRA r{FLUX_RANK} on the attention projections ({arch.lora_per_rank * FLUX_RANK / 1e6:.1f}M "
+              f"parameters), {side} px, batch 1, bf16 autocast, gradient checkpointing; the VAE and text encoders off the "
+              f"card during the steps. A card fits at most {1 - HEADROOM:.0%} of its size:")
+        print("| base | base weights | LoRA + gradients + AdamW | activations | steps, total | "
+              + " | ".join(f"{c} GB" for c in FLUX_CARDS) + " |")
+        print("|---" * (5 + len(FLUX_CARDS)) + "|")
+        for r in group:
+            cells = " | ".join("fits" if r["fits"][c] else "does not fit" for c in FLUX_CARDS)
+            print(f"| {r['base']} | {r['base_gib']:.2f} | {r['lora_state_gib']:.2f} | {r['activations_gib']:.2f} | "
+                  f"{r['gib']:.2f} | {cells} |")
+        cache = group[0]["cache_gib"]
+        print(f"- Outside the steps, the same model: building the cache holds CLIP-L, T5-XXL and the VAE on the card "
+              f"in float32 ({(arch.text + arch.vae) / 1e9:.2f}B parameters), {cache:.1f} GiB "
+              f"({', '.join(f'{c} GB: ' + ('fits' if fits(cache, c) else 'does not fit') for c in FLUX_CARDS)}); "
+              "validation sampling brings them back beside the base: "
+              + ", ".join(f"{r['base']} {r['validation_gib']:.1f} GiB" for r in group) + " (plus sampling's activations).")
+
+
+def flux_check(acts: dict, args) -> list[dict]:
+    """The Flux prediction against a measurement on this machine: the scaled-down model (FLUX_CHECK_BLOCKS,
+    the real widths) at FLUX_CHECK_SIDE px, a side part 1 did not measure, for each base precision."""
+    model = next(iter(FLUX_PREDICTED))
+    preset = with_blocks(bench_preset(model), *FLUX_CHECK_BLOCKS)
+    arch = dataclasses.replace(preset_arch(preset), text=0.0, vae=0.0)  # the worker holds no encoders
+    rows = []
+    for label, method_name in FLUX_METHODS.items():
+        method = METHODS[method_name]
+        act = activation_gib(acts[model][activation_mode(method)], FLUX_CHECK_SIDE, arch.blocks)
+        trained = trained_params(arch, method, FLUX_RANK)
+        argv = ["--worker", "flux-check", "--arch", model, "--blocks", ",".join(map(str, FLUX_CHECK_BLOCKS)),
+                "--base", method.base, "--rank", str(FLUX_RANK), "--sides", str(FLUX_CHECK_SIDE)]
+        measured = spawn(__file__, argv, f"the Flux check, {label} base", _env())
+        device, _ = predict_gib(arch, method, FLUX_RANK, Setup(0, 1), act)
+        rows.append({"base": label, "predicted_gib": device, "measured_gib": measured["steps_gib"],
+                     "predicted_weights_gib": (base_bytes(arch, method) + 4 * trained) / GIB,
+                     "measured_weights_gib": measured["weights_gib"], "activations_gib": act,
+                     "lora_params": measured["lora_params"], "loss": measured["loss"]})
+    return rows
+
+
+def print_flux_check(rows: list[dict]) -> None:
+    d, s = FLUX_CHECK_BLOCKS
+    where = f"GPU ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "this CPU (the resident set)"
+    print(f"\nCHECK of the Flux prediction, MEASURED on {where}: flux-dev's widths with {d} + {s} blocks, LoRA "
+          f"r{FLUX_RANK}, {FLUX_CHECK_SIDE} px (not a side part 1 measured), batch 1, bf16 autocast, gradient "
+          "checkpointing, AdamW; the peak over a step above the process before the model:")
+    print("| base | weights GiB, predicted | measured (quantized_bytes) | step peak GiB, predicted | measured | "
+          "predicted / measured |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['base']} | {r['predicted_weights_gib']:.3f} | {r['measured_weights_gib']:.3f} | "
+              f"{r['predicted_gib']:.3f} | {r['measured_gib']:.3f} | {r['predicted_gib'] / r['measured_gib']:.3f} |")
+
+
 # -- the driver --------------------------------------------------------------------------------------------
 
 CPU_NOTES = [
@@ -573,8 +785,14 @@ NOTES = [
      f"{REDUCE_BUCKET:.0e} elements ({2 * REDUCE_BUCKET / GIB:.2f} GiB per rank in bf16) and, under ZeRO-3, up to "
      f"{MAX_LIVE:.0e} parameters kept gathered. An EMA "
      "(train.ema_decay) adds 4 B per trained parameter; a batch of b multiplies the activations by b."),
-    ("The VAE and text encoder(s) are counted on the card in float32, as trainers/loop.py keeps them after "
-     "building the cache (SD 1.5: 0.77 GiB, SDXL: 3.4 GiB); in bf16 they would take half, moved off the card none."),
+    ("The VAE and text encoder(s) are not counted on the card: trainers/loop.py moves them off it once the cache "
+     "is built, and brings them back in float32 for validation sampling (SD 1.5: +0.77 GiB, SDXL: +3.4 GiB, "
+     "Flux.1: +18.5 GiB while it samples). On a CPU the device is the host, which keeps them."),
+    ("A quantised base (train.base_quantization): NF4 0.516 B per Linear weight (4-bit codes; an 8-bit absmax "
+     "per 64 weights with a float32 scale per 256 blocks: bitsandbytes' double quantization), int8 1 B per "
+     "weight and a float32 scale per row; the rest of the base in bf16. Its activations are measured with it "
+     "(part 1): bitsandbytes dequantises each layer's weight for its matmul, and Linear4bit returns its "
+     "input's dtype, float32 under autocast with float32 latents, where a bf16 Linear returns bf16."),
 ]
 
 
@@ -591,15 +809,18 @@ def main() -> None:
     p.add_argument("--keep-free", type=float, default=2.0, help="GiB of host memory never planned for")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     p.add_argument("--predict", action="store_true", help="parts 1 and 3 only")
-    p.add_argument("--activations-from", help="a results JSON of this script: its part 1, not measured again")
+    p.add_argument("--activations-from",
+                   help="a results JSON of this script: its part 1, not measured again (what it lacks is measured)")
+    p.add_argument("--no-flux-check", action="store_true", help="leave out the Flux check (4.5 min on a CPU)")
     p.add_argument("--out", default="scaling_results.json")
-    for hidden in ("worker", "arch", "mode", "folder"):
+    for hidden in ("worker", "arch", "mode", "folder", "blocks", "base"):
         p.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
     p.add_argument("--sides", type=int, nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--pictures", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps({"activations": activations_worker, "world": world_worker}[args.worker](args)))
+        workers = {"activations": activations_worker, "world": world_worker, "flux-check": flux_check_worker}
+        print(json.dumps(workers[args.worker](args)))
         return
     args.methods, args.configs = args.methods.split(","), args.configs.split(",")
     args.processes = [int(n) for n in args.processes.split(",")]
@@ -610,14 +831,19 @@ def main() -> None:
 
     models = [] if args.predict else (["tiny", "sd15"] if args.model == "both" else [args.model])
     arches = predicted_arches()
-    needed, timings, start = list(dict.fromkeys([*models, *PREDICTED])), {}, time.perf_counter()
-    if args.activations_from:
-        acts = json.loads(Path(args.activations_from).read_text())["activations"]
-        if set(needed) - set(acts):
-            raise SystemExit(f"{args.activations_from} has no activations of {sorted(set(needed) - set(acts))}; "
-                             "measure them (leave out --activations-from)")
-    else:
-        acts = measure_activations(needed, args)
+    needed = {name: list(ACTIVATION_MODES.get(name, ("lora", "full")))
+              for name in dict.fromkeys([*models, *PREDICTED, *FLUX_PREDICTED])}
+    for model in models:  # the measured runs' methods, a quantised base's included
+        needed[model] += [m for m in dict.fromkeys(activation_mode(METHODS[n]) for n in args.methods)
+                          if m not in needed[model]]
+    timings, start = {}, time.perf_counter()
+    acts = json.loads(Path(args.activations_from).read_text())["activations"] if args.activations_from else {}
+    acts = {name: {m: acts[name][m] for m in modes if m in acts.get(name, {})} for name, modes in needed.items()}
+    missing = {name: [m for m in modes if m not in acts[name]] for name, modes in needed.items()}
+    missing = {name: modes for name, modes in missing.items() if modes}
+    if missing:
+        for name, measured in measure_activations(missing, args).items():
+            acts[name].update(measured)
         timings["activations"] = time.perf_counter() - start
     print_activations(acts)
     runs = []
@@ -625,13 +851,21 @@ def main() -> None:
         runs += measure_model(model, args, acts, timings)
     predicted = prediction(arches, acts)
     print_prediction(predicted)
+    flux = flux_prediction(arches, acts)
+    print_flux_prediction(flux, arches)
+    checked = []
+    if not args.no_flux_check:
+        start = time.perf_counter()
+        checked = flux_check(acts, args)
+        timings["Flux check"] = time.perf_counter() - start
+        print_flux_check(checked)
     notes = NOTES if torch.cuda.is_available() else CPU_NOTES + NOTES
     print("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
     if timings:
         print("\nTime: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
     settings = {k: v for k, v in vars(args).items() if v is not None}  # the workers' own arguments are None here
-    results = {"settings": settings, "activations": acts, "runs": runs, "prediction": predicted, "timings_s": timings,
-               "notes": notes}
+    results = {"settings": settings, "activations": acts, "runs": runs, "prediction": predicted, "flux_prediction": flux,
+               "flux_check": checked, "timings_s": timings, "notes": notes}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -1,7 +1,8 @@
 """A frozen base in 4 or 8 bits, as QLoRA trains: the denoiser's linear layers become bitsandbytes
 NF4 (4-bit NormalFloat, blockwise scales) or int8 (LLM.int8 with outlier columns in 16 bits) layers,
 while what trains (LoRA's A and B) stays in float32 beside them. Flux.1-dev's 12B transformer is
-24 GB in bf16 and about 6.7 GB in NF4, which is what puts its LoRA training on a 24 GB card.
+24 GB in bf16 and 6.1 GB in NF4 (bitsandbytes' double quantization: 0.516 B a weight), which is what
+puts its LoRA training on a 24 GB card.
 
 The layers are swapped in place and keep their names, so peft's LoRA wraps them as it wraps a plain
 Linear (it has bitsandbytes-aware LoRA layers) and the LoRA files are exactly those of an unquantised

@@ -126,7 +126,7 @@ def check_full(setup: Setup) -> dict:
     t_seeds, p_seeds = seeds_for(len(trigger), setup.samples), seeds_for(len(plain), setup.samples)
 
     def measure(parts):
-        return score(parts, trigger, t_seeds), score(parts, plain, p_seeds)
+        return score(parts, trigger, t_seeds, setup.world), score(parts, plain, p_seeds, setup.world)
 
     before = measure(load(setup.base))
     after = measure(load(setup.train("full", "full", concept) / "model"))
@@ -169,7 +169,7 @@ def check_dreambooth(setup: Setup) -> dict:
     klass = [Ask(class_prompt, class_shape, INSTANCE_COLOUR)] * n
 
     def measure(parts):
-        t, c = score(parts, trigger, [0]), score(parts, klass, [0])
+        t, c = score(parts, trigger, [0], world), score(parts, klass, [0], world)
         leak = float(np.mean([detect(p).shape == HELD_OUT for p in c.pictures[0]]))
         return t.shape, t.both, c.both, leak, t.pictures[0], c.pictures[0]
 
@@ -222,7 +222,7 @@ def erase_asks(n: int, world: World = TINY_WORLD):
 def check_inpaint(setup: Setup) -> dict:
     from ldmcore.inpaint import inpaint, widen_conv_in
 
-    from .evaluate import SAMPLING, grid, repaint_score
+    from .evaluate import grid, repaint_score
     from .pictures import render
 
     pictures = base_pictures(setup.world, setup.data)
@@ -232,7 +232,7 @@ def check_inpaint(setup: Setup) -> dict:
 
     def measure(parts):
         with torch.no_grad():
-            out = inpaint(parts, [a.prompt for _, _, a in items], originals, masks, seed=0, **SAMPLING)
+            out = inpaint(parts, [a.prompt for _, _, a in items], originals, masks, seed=0, **setup.world.sampling)
         scores = [repaint_score(p, o, region, a.shape, a.colour) for p, o, (_, region, a) in zip(out, originals, items)]
         return (float(np.mean([s.drawn for s in scores])), float(np.mean([s.outside_change for s in scores])), out)
 
@@ -292,7 +292,7 @@ def check_controlnet(setup: Setup) -> dict:
     from ldmcore.controlnet import ControlNet, generate_controlled
 
     from .detect import detect
-    from .evaluate import SAMPLING, grid, mask_iou, sample
+    from .evaluate import grid, mask_iou, sample
     from .pictures import render, shape_mask
 
     pictures = base_pictures(setup.world, setup.data)
@@ -307,11 +307,11 @@ def check_controlnet(setup: Setup) -> dict:
         return float(np.mean(ious)), float(np.mean(right)), out
 
     base = load(setup.base)
-    before = measure(sample(base, prompts, [0])[0])
+    before = measure(sample(base, prompts, [0], setup.world)[0])
     controlnet = ControlNet.from_pretrained(setup.train("controlnet", "controlnet", pictures,
                                                         f"data.cache.control_dir={maps}") / "controlnet")
     with torch.no_grad():
-        after = measure(generate_controlled(base, controlnet.eval(), prompts, controls, seed=0, **SAMPLING))
+        after = measure(generate_controlled(base, controlnet.eval(), prompts, controls, seed=0, **setup.world.sampling))
     picture = grid([controls[:8], [render(s, SIZE)[0] for s in held[:8]], before[2][:8], after[2][:8]],
                    ["control map", "ground truth", "base alone", "with ControlNet"])
     return finish(setup, "controlnet", ["base alone", "with ControlNet"], {

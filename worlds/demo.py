@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     base = load_components(base_dir, dtype=torch.float32)
     seeds = list(range(args.seeds))
     trigger_asks, plain_asks = asks(TRIGGER, HELD_OUT, world), asks(world=world)
-    before = {"trigger": score(base, trigger_asks, seeds), "plain": score(base, plain_asks, seeds[:1])}
+    before = {"trigger": score(base, trigger_asks, seeds, world), "plain": score(base, plain_asks, seeds[:1], world)}
 
     lora_started = time.perf_counter()
     run_stage(CONFIGS / "demo_lora.yaml", f"model.path={base_dir}", f"data.path={concept}",
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     lora_time = time.perf_counter() - lora_started
     kohya, peft = out / "lora_kohya.safetensors", out / "pytorch_lora_weights.safetensors"
     tuned = with_lora(base, kohya)
-    after = {"trigger": score(tuned, trigger_asks, seeds), "plain": score(tuned, plain_asks, seeds[:1])}
+    after = {"trigger": score(tuned, trigger_asks, seeds, world), "plain": score(tuned, plain_asks, seeds[:1], world)}
     # the two exported formats must be the same adapter
     same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned.denoiser.state_dict().values(),
                                                                with_lora(base, peft).denoiser.state_dict().values()))

@@ -24,10 +24,7 @@ from PIL import Image
 from ldmcore.checkpoints import Components, load_components
 
 from .detect import detect
-from .world import TINY_WORLD, WORLDS, World
-
-#: how every check samples: few steps of DPM++ 2M are plenty for 8x8 latents
-SAMPLING = {"steps": 20, "guidance_scale": 4.0, "sampler": "dpmpp_2m"}
+from .world import SIZE, TINY_WORLD, WORLDS, World
 
 
 @dataclass(frozen=True)
@@ -51,12 +48,15 @@ def asks(word: str | None = None, shape: str | None = None, world: World = TINY_
     return out
 
 
-def sample(parts: Components, prompts: Sequence[str], seeds: Sequence[int], **kwargs) -> list[list[Image.Image]]:
-    """Pictures per seed (outer) and prompt (inner); one batch per seed."""
+def sample(parts: Components, prompts: Sequence[str], seeds: Sequence[int], world: World = TINY_WORLD,
+           **kwargs) -> list[list[Image.Image]]:
+    """Pictures per seed (outer) and prompt (inner), the world's size, sampled as the world says
+    (`World.sampling`; `kwargs` override); one batch per seed."""
     from ldmcore.pipeline import generate
 
+    options = {"height": SIZE, "width": SIZE, **world.sampling, **kwargs}
     with torch.no_grad():
-        return [generate(parts, list(prompts), seed=seed, **{**SAMPLING, **kwargs}) for seed in seeds]
+        return [generate(parts, list(prompts), seed=seed, **options) for seed in seeds]
 
 
 @dataclass
@@ -70,8 +70,10 @@ class Score:
         return f"shape {self.shape:.0%}, colour {self.colour:.0%}, both {self.both:.0%}"
 
 
-def score(parts: Components, items: Sequence[Ask], seeds: Sequence[int] = (0, 1), **kwargs) -> Score:
-    pictures = sample(parts, [a.prompt for a in items], seeds, **kwargs)
+def score(parts: Components, items: Sequence[Ask], seeds: Sequence[int] = (0, 1), world: World = TINY_WORLD,
+          **kwargs) -> Score:
+    """How often the pictures for `items` show what each asks (sampled as `world` says)."""
+    pictures = sample(parts, [a.prompt for a in items], seeds, world, **kwargs)
     shape = colour = both = 0
     for row in pictures:
         for a, picture in zip(items, row):
@@ -183,8 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check == "concept":
         if args.lora:
             parts = with_lora(parts, args.lora)
-        results["trigger"] = score(parts, asks(args.word, args.shape, world), seeds)
-    results["base"] = score(parts, asks(world=world), seeds)
+        results["trigger"] = score(parts, asks(args.word, args.shape, world), seeds, world)
+    results["base"] = score(parts, asks(world=world), seeds, world)
     for name, s in results.items():
         print(f"{name:8s} {s.line()}")
     if args.json:
