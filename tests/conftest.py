@@ -38,6 +38,18 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torc
     return module
 
 
+def randomize_lora_(model: torch.nn.Module, seed: int, std: float = 0.3) -> None:
+    """Random LoRA weights (B included, so an adapter changes the output at once); DoRA magnitudes are
+    scaled around their initial value rather than replaced."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 def unet_call_inputs(config, seed: int = 0, size: int = 16, channels: int | None = None):
     """(x, t, context, extra keyword inputs) for two samples through a U-Net of this config: SDXL's
     also take a pooled text embedding and six size ids per sample (`extra["added_cond_kwargs"]`)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, rel_err
+from conftest import randomize_, randomize_lora_, rel_err
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,32 +40,12 @@ RANK, ALPHA = 4, 2.0  # scale 0.5
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded 2-core machine each parallel op of a
-    2-thread pool waits for a time slice (measured: 30 ms per tiny conv instead of 0.1 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fresh() -> Components:
     """The same randomised tiny model every call (LoRA injection changes models in place)."""
     parts = Components.from_preset("tiny", build_word_tokenizer(WORDS), seed=0)
     randomize_(parts.denoiser, seed=1, std=0.05)
     randomize_(parts.text_encoder, seed=2, std=0.05)
     return parts
-
-
-def randomize_lora_(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def with_lora(settings: LoraSettings, seed: int = 3) -> Components:

@@ -8,7 +8,7 @@ file's fused q/k/v carry 3x (single blocks' linear1 4x) the alpha, and a file th
 would load at 1/3 strength."""
 import pytest
 import torch
-from conftest import randomize_, rel_err
+from conftest import randomize_, randomize_lora_, rel_err
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -41,28 +41,12 @@ WIDTH, MLP = 3072, 12288  # Flux.1's hidden and MLP widths
 TEXT_LAYERS = get_preset("tiny-flux").text_encoder["num_hidden_layers"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fresh(preset: str = "tiny-flux") -> Components:
     """The same randomised tiny Flux every call (LoRA injection changes models in place)."""
     parts = Components.from_preset(preset, build_word_tokenizer(WORDS), seed=0)
     randomize_(parts.denoiser, seed=1, std=0.05)
     randomize_(parts.text_encoder, seed=2, std=0.05)
     return parts
-
-
-def randomize_lora_(model: nn.Module, seed: int, std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def with_lora(settings: LoraSettings, preset: str = "tiny-flux") -> Components:

@@ -4,12 +4,11 @@ checked against diffusers' StableDiffusionXLPipeline loading the same files into
 The models are an SDXL-shaped tiny U-Net (three levels, none at level 0 with attention, a deeper
 transformer at the last level, `text_time` added conditioning) and tiny CLIP-L / CLIP-bigG stand-ins
 (CLIPTextModel, CLIPTextModelWithProjection). Every LoRA has random lora_B weights and alpha != rank."""
-import json
 import types
 
 import pytest
 import torch
-from conftest import randomize_, rel_err
+from conftest import randomize_, randomize_lora_, rel_err
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -54,14 +53,6 @@ TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num
         "max_position_embeddings": 77, "projection_dim": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tokenizer():
     return build_word_tokenizer(WORDS)
 
@@ -82,14 +73,6 @@ def fresh() -> types.SimpleNamespace:
     for seed, model in enumerate((parts.denoiser, parts.text_encoder, parts.text_encoder_2)):
         randomize_(model, seed=seed + 1, std=0.05)
     return parts
-
-
-def randomize_lora_(model, seed: int, std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def with_lora(settings: LoraSettings) -> types.SimpleNamespace:
