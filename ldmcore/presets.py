@@ -339,13 +339,8 @@ FLUX_DEV = Preset(
     resolution=1024,
     family="flux-dev",
 )
-FLUX_SCHNELL = Preset(
-    denoiser={**_FLUX_TRANSFORMER, "guidance_embeds": False},
-    vae=_FLUX_VAE,
-    text_encoder=SD15.text_encoder,
-    text_encoder_2=_T5_XXL,
-    scheduler=_FLUX_SCHNELL_SCHEDULER,
-    resolution=1024,
+FLUX_SCHNELL = dataclasses.replace(  # dev's parts without the guidance embedding, and no resolution shift
+    FLUX_DEV, denoiser={**_FLUX_TRANSFORMER, "guidance_embeds": False}, scheduler=_FLUX_SCHNELL_SCHEDULER,
     family="flux-schnell",
 )
 _TINY_FLUX_TRANSFORMER = {  # for tests: Flux's layout at width 32
@@ -368,13 +363,8 @@ TINY_FLUX = Preset(  # for tests: dev-shaped (guidance embedded), 32 px pictures
     resolution=32,
     family="flux-dev",
 )
-TINY_FLUX_SCHNELL = Preset(
-    denoiser={**_TINY_FLUX_TRANSFORMER, "guidance_embeds": False},
-    vae=TINY_FLUX.vae,
-    text_encoder=_TINY_TEXT,
-    text_encoder_2=_TINY_T5,
-    scheduler=_FLUX_SCHNELL_SCHEDULER,
-    resolution=32,
+TINY_FLUX_SCHNELL = dataclasses.replace(
+    TINY_FLUX, denoiser={**_TINY_FLUX_TRANSFORMER, "guidance_embeds": False}, scheduler=_FLUX_SCHNELL_SCHEDULER,
     family="flux-schnell",
 )
 
