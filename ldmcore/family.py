@@ -265,7 +265,7 @@ class Flux(Family):
 
     title = "Flux.1"
     pipeline_class = "FluxPipeline"
-    inpaint_pipeline_class = "FluxFillPipeline"
+    inpaint_pipeline_class = "FluxFillPipeline"  # named for completeness: no Flux inpainting method here (issue 14 leaves it out)
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     text_parts = (("text_encoder", "tokenizer", "CLIPTextModel"),
                   ("text_encoder_2", "tokenizer_2", "T5EncoderModel"))
