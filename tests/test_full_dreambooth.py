@@ -254,9 +254,11 @@ def test_dreambooth_lora_draws_class_images_with_the_base_and_resumes_exactly(wo
                                   "dreambooth.num_class_images=3", "dreambooth.class_steps=3",
                                   "dreambooth.class_batch_size=2", "lora.text_encoder=true",
                                   "dreambooth.prior_loss_weight=0.7", fresh_class_folders=True)
-    # the empty class folders were filled with the base model's pictures of the class prompt, seeded by train.seed
+    # the empty class folders were filled with the base model's pictures of the class prompt, seeded by train.seed,
+    # at the training resolution (configs/tiny/dreambooth.yaml: 64)
     base = load_components(world / "model")
-    drawn = [im for batch in (0, 1) for im in generate(base, ["a circle"] * 2, seed=batch_seed(0, batch), steps=3)]
+    drawn = [im for batch in (0, 1)
+             for im in generate(base, ["a circle"] * 2, seed=batch_seed(0, batch), steps=3, height=64, width=64)]
     for folder in (tmp_path / "whole_classes", tmp_path / "parts_classes"):
         assert sorted(p.name for p in folder.iterdir()) == [class_image_name(i) for i in range(3)]
         for i in range(3):
