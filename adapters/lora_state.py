@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -132,10 +131,6 @@ def _stored_layout(ours: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from ldmcore.weights import write_safetensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(_tensors(tensors), str(tmp), metadata={"format": "pt", **metadata})
-    os.replace(tmp, path)
+    write_safetensors(_tensors(tensors), path, metadata)

@@ -131,6 +131,7 @@ def run_precompute(args: argparse.Namespace) -> int:
     from pydantic import ConfigDict
 
     from data_tools.config import DataConfig, ModelConfig
+    from data_tools.locks import FolderBusy
     from data_tools.precompute import cache_dir_for, prepare_cache, process_state
     from data_tools.schema import ConfigError, Strict, load_config
     from ldmcore.weights import CheckpointError
@@ -146,8 +147,11 @@ def run_precompute(args: argparse.Namespace) -> int:
         parts = cfg.model.load(device=state.device)
         plan, report = prepare_cache(cfg.data, parts.vae, parts.prompt_encoder(cfg.data.clip_skip, cfg.data.max_windows),
                                      progress=not args.no_progress)
-    except (ConfigError, CheckpointError, ValueError) as e:
+    except (ConfigError, CheckpointError, ValueError, FolderBusy) as e:
         raise UsageError(str(e)) from None
+    except OSError as e:  # a full disk, a read-only folder: finished shards are kept
+        raise UsageError(f"could not write the cache: {e.strerror} ({e.filename}); the shards finished so far are "
+                         "kept: fix it and run the same command again") from None
     if state.is_main_process:
         print(f"cache: {cache_dir_for(cfg.data)}")
         print(f"  {len(plan.items)} images; {report.already_cached} views already cached; "

@@ -7,6 +7,7 @@ Under several processes each rank encodes its own share and rank 0 merges the in
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,13 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ldmcore.faults import fault_point
+
 from .buckets import BucketConfig, assign_bucket
 from .config import DataConfig
 from .control import ConditioningSource, conditioning_image, find_conditioning
 from .images import load_rgb, read_bytes
+from .locks import FolderLock
 from .masks import MaskConfig, make_mask, masked_image, variant_seed
 from .records import ImageRecord, Manifest
-from .store import ShardWriter, build_index, content_key, fingerprint, write_index
+from .store import ShardWriter, build_index, content_key, fingerprint, verify_shards, write_index
 from .transforms import CropPlan, apply, flipped, plan_crop, to_tensor
 
 log = logging.getLogger(__name__)
@@ -219,11 +223,23 @@ def precompute(
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
 ) -> tuple[CachePlan, PrecomputeReport]:
-    """Fill `cache_dir` with what `manifest` needs and return the plan. Safe to rerun at any time."""
+    """Fill `cache_dir` with what `manifest` needs and return the plan. Safe to rerun at any time, not
+    by two runs at once: the first process holds the cache's lock (data_tools.locks) while it fills."""
     cache_dir = Path(cache_dir)
+    with FolderLock(cache_dir, "cache") if rank == 0 else contextlib.nullcontext():
+        return _fill(manifest, vae, prompt_encoder, cfg, cache_dir, rank, world_size, barrier, progress)
+
+
+def _fill(manifest, vae, prompt_encoder, cfg: DataConfig, cache_dir: Path, rank: int, world_size: int, barrier,
+          progress: bool) -> tuple[CachePlan, PrecomputeReport]:
     for store in STORES:
         (cache_dir / store).mkdir(parents=True, exist_ok=True)
     plan, jobs, captions = plan_cache(manifest, cfg, fingerprint(vae), text_fingerprint(prompt_encoder))
+    if rank == 0:  # a damaged shard is moved aside before anyone reads the index: its entries are encoded again
+        for store in STORES:
+            verify_shards(cache_dir / store, progress=progress)
+    if barrier is not None:
+        barrier()
     have = {store: build_index(cache_dir / store) for store in STORES}
     if barrier is not None:
         # reading the index removes a dead run's .partial files: every rank must be past that
@@ -247,9 +263,15 @@ def precompute(
     try:
         _encode_texts(my_texts, prompt_encoder, cfg, plan.settings["text_encoder"], writers["text"])
         _encode_images(manifest, mine, vae, cfg, writers, have, progress)
-    finally:
-        for w in writers.values():
-            w.close()  # what finished is kept even when something failed
+    except BaseException:
+        for w in writers.values():  # what finished is kept when something failed (a signal), if it can be written
+            try:
+                w.close()
+            except OSError as e:  # (the disk that failed is still full: the first error is the one to report)
+                log.warning("could not keep the last entries: %s", e)
+        raise
+    for w in writers.values():
+        w.close()
     seconds = time.perf_counter() - start
 
     if barrier is not None:
@@ -310,6 +332,7 @@ def _encode_images(manifest, jobs, vae, cfg: DataConfig, writers, have, progress
             _encode_masked(batch, jobs, vae, factor, writers["inpaint"], have["inpaint"])
         if bar is not None:
             bar.update(len(batch["index"]))
+        fault_point("cache_build")
     if bar is not None:
         bar.close()
 

@@ -61,16 +61,13 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        from safetensors.torch import save_file
+        from ldmcore.faults import fault_point
+        from ldmcore.weights import write_safetensors
 
-        name = f"shard-{self.writer}-{uuid.uuid4().hex[:12]}.safetensors"
-        final = self.folder / name
-        tmp = self.folder / (name + ".partial")
+        final = self.folder / f"shard-{self.writer}-{uuid.uuid4().hex[:12]}.safetensors"
         flat = {f"{key}{SEP}{field}": t for key, fields in self.pending.items() for field, t in fields.items()}
-        save_file(flat, str(tmp), metadata={"entries": str(len(self.pending))})
-        with open(tmp, "rb+") as f:  # the bytes must be on disk before the name says "complete"
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        fault_point("cache_write", final)
+        write_safetensors(flat, final, {"entries": str(len(self.pending))})  # atomic, with its checksum
         self.written.append(final)
         self.pending = {}
 
@@ -110,6 +107,34 @@ def build_index(folder: str | os.PathLike) -> dict[str, str]:
         for key in keys:
             index.setdefault(key, shard.name)
     return index
+
+
+def verify_shards(folder: str | os.PathLike, progress: bool = False) -> list[Path]:
+    """Read every shard whole and check it against the checksum written with it; a damaged one
+    (truncated, a flipped bit) is moved aside as `.damaged` so its entries are computed again
+    rather than trained on. Returns the shards moved aside."""
+    from ldmcore.weights import CheckpointError, read_safetensors
+
+    shards = sorted(Path(folder).glob(SHARD_GLOB))
+    bar = None
+    if progress and shards:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(shards), desc=f"checking {Path(folder).name} cache", unit="shard")
+    damaged = []
+    for shard in shards:
+        try:
+            read_safetensors(shard)
+        except CheckpointError as e:
+            moved = shard.with_name(shard.name + ".damaged")
+            os.replace(shard, moved)
+            log.warning("%s; moved aside to %s, its entries will be computed again", e, moved.name)
+            damaged.append(shard)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return damaged
 
 
 def write_index(folder: str | os.PathLike) -> dict[str, str]:

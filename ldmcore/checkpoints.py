@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -23,7 +23,7 @@ from .presets import SD15, SD21, Preset, get_preset
 from .schedule import NoiseSchedule
 from .single_file import TEXT_PREFIXES, detect_family
 from .vae import AutoencoderKL
-from .weights import CheckpointError, read_state_dict
+from .weights import CheckpointError, read_state_dict, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Components:
         family = get_family(preset.family)
         torch.manual_seed(seed)
         if tokenizer_2 is None:
-            tokenizer_2 = fresh_tokenizer_2(family, tokenizer)
+            tokenizer_2 = fresh_tokenizer_2(family, tokenizer, preset.text_encoder_2)
         tokenizers = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
         configs = {"text_encoder": preset.text_encoder, "text_encoder_2": preset.text_encoder_2}
         # drawn in this order (denoiser, VAE, text encoders) so that a seed gives the weights it always gave
@@ -147,8 +147,6 @@ class Components:
     def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write an original-layout single .safetensors file (A1111, ComfyUI and diffusers'
         from_single_file open it), atomically. Our own configs ride along in its metadata."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: single files are written as .safetensors only")
@@ -164,10 +162,7 @@ class Components:
             "scheduler": self.schedule.to_config(),
             "text_kind": self.text_kind,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
+        write_safetensors(state, path, {METADATA_KEY: json.dumps(meta)})
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -492,15 +487,12 @@ def _text_config_dict(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _save_text_encoder(model: torch.nn.Module, folder: Path) -> None:
-    from safetensors.torch import save_file
-
     if not _is_clip(model):  # T5: transformers' own layout, which writes its tied embedding once
         model.save_pretrained(str(folder))
         return
     folder.mkdir(parents=True)
     model.config.to_json_file(str(folder / "config.json"))
-    state = {k: v.detach().contiguous().cpu() for k, v in text_state_dict(model).items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(text_state_dict(model), folder / "model.safetensors")
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:
@@ -515,14 +507,15 @@ def _save_tokenizer(tokenizer, folder: Path) -> None:
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def fresh_tokenizer_2(family: Family, tokenizer):
+def fresh_tokenizer_2(family: Family, tokenizer, config: Mapping[str, Any] | None = None):
     """The second tokenizer of a fresh model of `family` whose first is `tokenizer`: SDXL's the same
-    vocabulary padding with "!", Flux's a T5 tokenizer knowing the first's words; None without one."""
+    vocabulary padding with "!", Flux's a T5 tokenizer knowing the first's words, reading at most the
+    T5 config's `n_positions` tokens (the family's length where that is shorter); None without one."""
     kinds = {tok: kind for _, tok, kind in family.text_parts}
     if kinds.get("tokenizer_2") == "T5EncoderModel":
         from .text_flux import t5_tokenizer_like
 
-        return t5_tokenizer_like(tokenizer)
+        return t5_tokenizer_like(tokenizer, model_max_length=(config or {}).get("n_positions", 512))
     return second_tokenizer(tokenizer) if "tokenizer_2" in kinds else None
 
 

@@ -260,7 +260,8 @@ def generate_controlled(
     """`ldmcore.pipeline.generate` steered by `controlnet`: one control image for all prompts, or one each.
     height / width default to the control image's size (rounded down to the VAE factor), as diffusers'
     StableDiffusionControlNetPipeline does; other keywords are `generate`'s."""
-    from .pipeline import _cast, generate
+    from .family import cast_inputs
+    from .pipeline import generate
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     images = [control_image] * len(prompts) if isinstance(control_image, Image.Image) else list(control_image)
@@ -278,7 +279,7 @@ def generate_controlled(
         # to x_t's batch.
         c = cond.repeat(x_t.shape[0] // cond.shape[0], 1, 1, 1)
         down, mid = controlnet(x_t.to(controlnet.dtype), t, controlnet_cond=c, conditioning_scale=conditioning_scale,
-                               **_cast(inputs, controlnet.dtype))
+                               **cast_inputs(inputs, controlnet.dtype))
         return {"down_block_additional_residuals": [d.to(unet_dtype) for d in down],
                 "mid_block_additional_residual": mid.to(unet_dtype)}
 

@@ -21,7 +21,7 @@ import torch
 
 from .controlnet import ControlNet, ControlNetConfig
 from .single_file import _convert, _Module, _unet_modules
-from .weights import CheckpointError, load_strict, read_state_dict
+from .weights import CheckpointError, load_strict, read_state_dict, write_safetensors
 
 PREFIX = "control_model."
 METADATA_KEY = "ldm_tune.controlnet"  # JSON of the ControlNetConfig in files we write
@@ -78,19 +78,12 @@ def hint_block_widths(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, tupl
 def save_controlnet_single_file(controlnet: ControlNet, path: str | os.PathLike, metadata: dict[str, str] | None = None,
                                 dtype: torch.dtype | None = None) -> Path:
     """Write the original layout to a .safetensors file, atomically; our config rides in its metadata."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: ControlNet single files are written as .safetensors only")
     state = controlnet_to_original(controlnet.state_dict(), controlnet.config)
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
-    meta = {**(metadata or {}), "format": "pt", METADATA_KEY: json.dumps(controlnet.config.to_dict())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(state, path, {**(metadata or {}), METADATA_KEY: json.dumps(controlnet.config.to_dict())})
 
 
 def load_controlnet_single_file(path: str | os.PathLike, config: ControlNetConfig | dict | None = None,

@@ -302,8 +302,10 @@ class Flux(Family):
 
         if clip_skip:
             raise ValueError(f"{self.title} reads T5's last state and CLIP's pooled output: clip_skip does not apply")
+        # a T5 tokenizer that reads fewer tokens than the family (a tiny world's) sets the length
+        length = min(self.max_sequence_length, parts.tokenizer_2.model_max_length)
         return FluxPromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2,
-                                 max_length=self.max_sequence_length)
+                                 max_length=length)
 
     def denoiser_inputs(self, text, ids=None, guidance=None):
         if "pooled" not in text:
@@ -331,6 +333,12 @@ SD, SDXL_BASE, SDXL_REFINER = StableDiffusion(), SDXL(), SDXLRefiner()
 FLUX_DEV = Flux("flux-dev", guidance_embeds=True, max_sequence_length=512)
 FLUX_SCHNELL = Flux("flux-schnell", guidance_embeds=False, max_sequence_length=256)
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL_BASE, SDXL_REFINER, FLUX_DEV, FLUX_SCHNELL)}
+
+
+def cast_inputs(inputs: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """A denoiser's conditioning inputs (`Family.denoiser_inputs`, nested dicts included) in its dtype,
+    as diffusers' pipelines and training scripts pass them."""
+    return {k: cast_inputs(v, dtype) if isinstance(v, Mapping) else v.to(dtype) for k, v in inputs.items()}
 
 
 def get_family(name: str | Family) -> Family:

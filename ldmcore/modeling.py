@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .weights import CheckpointError, find_weights, load_strict, read_state_dict
+from .weights import CheckpointError, find_weights, load_strict, read_state_dict, write_safetensors
 
 C = TypeVar("C", bound="ModelConfig")
 
@@ -105,13 +105,10 @@ class ConfigModel(nn.Module):
         return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / f"{self.weights_name}.safetensors"), metadata={"format": "pt"})
+        write_safetensors(self.state_dict(), folder / f"{self.weights_name}.safetensors")
 
     @property
     def dtype(self) -> torch.dtype:

@@ -368,7 +368,9 @@ TINY_FLUX_SCHNELL = dataclasses.replace(
     family="flux-schnell",
 )
 
-_TEST_WORLD_FLUX_T5 = {**_TINY_T5, "vocab_size": 1000, "d_model": 32, "d_ff": 64, "num_layers": 2}
+# 32 tokens (n_positions sets the fresh tokenizer's length) hold every caption of the world, and train the
+# base 4.7x faster than schnell's 256
+_TEST_WORLD_FLUX_T5 = {**_TINY_T5, "vocab_size": 1000, "d_model": 32, "d_ff": 64, "num_layers": 2, "n_positions": 32}
 TEST_WORLD_FLUX = Preset(  # the test suite's flow-matching world (worlds.world.TEST_WORLD_FLUX): trained from nothing
     # schnell-shaped (no guidance embedding): a base trained here is not guidance-distilled, so it samples with
     # real classifier-free guidance (true_cfg_scale)

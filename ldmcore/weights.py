@@ -14,6 +14,67 @@ class CheckpointError(ValueError):
     """A weight file or folder that cannot be used as given; the message says why and what to do."""
 
 
+#: the safetensors metadata entry holding `tensors_digest` of the file's tensors, in every file ldm-tune writes
+DIGEST_KEY = "ldm_tune.sha256"
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """The one way ldm-tune writes a .safetensors file: contiguous CPU tensors, the tensors' digest in
+    the metadata (DIGEST_KEY, checked on every read), written beside, flushed to disk and renamed into
+    place, so a crash or a full disk never leaves a complete-looking damaged file."""
+    from ldmcore.faults import fault_point
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"format": "pt", **(metadata or {}), DIGEST_KEY: tensors_digest(state)}
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        fault_point("write", tmp)
+        save_file(state, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:  # the bytes are on disk before the name says the file is whole
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file; a file that records its digest (all of ldm-tune's)
+    must match it. Errors name the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated headers and data
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the file is damaged or truncated: "
+                              "re-download, re-copy or re-export it") from e
+    if DIGEST_KEY in metadata and tensors_digest(tensors) != metadata[DIGEST_KEY]:
+        raise CheckpointError(f"{path}: its tensors do not match the checksum written with them: the file was damaged "
+                              "after it was written (disk, copy, download); re-copy or re-export it")
+    return tensors, metadata
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a `.safetensors`, `.bin`, `.pt`, `.pth` or `.ckpt` file into a flat dict of tensors.
 
@@ -27,12 +88,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (an interrupted download or copy?)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for truncated headers
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from e
+        return read_safetensors(path)[0]
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_can_mmap(path))
     except pickle.UnpicklingError as e:

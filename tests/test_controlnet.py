@@ -376,7 +376,7 @@ def test_two_processes_equal_one_with_twice_the_batch(world, whole, tmp_path, se
     two = tmp_path / "two"
     run(world, two, "train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2", "loss.caption_dropout=0.3",
         launcher=accelerate_launcher(setup))
-    assert (two / "checkpoints" / "step_00000002" / "rng_1.pt").is_file()  # two ranks ran
+    assert (two / "checkpoints" / "step_00000002" / "rng_1.safetensors").is_file()  # two ranks ran
     a, b = trained(whole / "checkpoints" / "step_00000002"), trained(two / "checkpoints" / "step_00000002")
     rtol = 1e-5 if setup == "multi" else 1e-4  # DeepSpeed sums gradients in its own buckets and order
     for k in a:

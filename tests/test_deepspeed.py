@@ -13,6 +13,8 @@ from conftest import accelerate_launcher as launcher
 from conftest import build_training_world
 from safetensors.torch import load_file
 
+from trainers.statefile import load_state
+
 ROOT = Path(__file__).resolve().parent.parent
 # DeepSpeed reduces in its own buckets and order: equal to one process up to float32 rounding
 RTOL, ATOL = 1e-4, 1e-6
@@ -83,7 +85,7 @@ def test_two_processes_under_zero_equal_one_and_resume_exactly(world, one_proces
         for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
             assert_same(load_file(out / name), load_file(ref / name))
     else:
-        ema, ema_ref = torch.load(last / "ema.pt"), torch.load(ref / "checkpoints" / "step_00000004" / "ema.pt")
+        ema, ema_ref = load_state(last / "ema.safetensors"), load_state(ref / "checkpoints" / "step_00000004" / "ema.safetensors")
         for a, b in zip(ema["shadow"], ema_ref["shadow"], strict=True):
             assert a.shape == b.shape  # whole tensors, not one rank's partition
             torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
@@ -100,7 +102,7 @@ def test_two_processes_under_zero_equal_one_and_resume_exactly(world, one_proces
     run(world, method, resumed, *SETTINGS[method], "train.batch_size=2", "train.resume=latest", launch=launcher(stage))
     assert_same(trained(resumed / "checkpoints" / "step_00000004"), trained(last), exact=True)
     if method == "full":
-        a, b = torch.load(resumed / "checkpoints" / "step_00000004" / "ema.pt"), torch.load(last / "ema.pt")
+        a, b = load_state(resumed / "checkpoints" / "step_00000004" / "ema.safetensors"), load_state(last / "ema.safetensors")
         assert all(torch.equal(x, y) for x, y in zip(a["shadow"], b["shadow"], strict=True))
 
 

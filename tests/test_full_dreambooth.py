@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from ldmcore.checkpoints import Components, load_components
 from ldmcore.text import build_word_tokenizer
 from ldmcore.unet import UNet
+from trainers.statefile import load_state
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "a sks red green blue circle square on white black background".split()
@@ -123,7 +124,7 @@ def test_full_run_resumes_exactly_and_exports_ema_and_raw_weights_that_diffusers
     ckpt = out / "checkpoints" / "step_00000004"
     raw = load_file(ckpt / "trained.safetensors")
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in raw.values())
-    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=False)["state"]
+    opt_state = load_state(ckpt / "optimizer.safetensors")["state"]
 
     def tensors(tree):  # bitsandbytes nests its quantised state in a dict of its own
         for v in tree.values():
@@ -134,7 +135,7 @@ def test_full_run_resumes_exactly_and_exports_ema_and_raw_weights_that_diffusers
     base = UNet.from_pretrained(world / "model" / "unet").state_dict()
     assert raw.keys() == base.keys() and all(not torch.equal(raw[k], base[k]) for k in raw)  # every weight trained
     ema = dict(zip([k for k, _ in UNet.from_pretrained(world / "model" / "unet").named_parameters()],
-                   torch.load(ckpt / "ema.pt", weights_only=False)["shadow"], strict=True))
+                   load_state(ckpt / "ema.safetensors")["shadow"], strict=True))
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # the EMA lags
 
     # model/unet holds the EMA, model/unet_raw the raw weights; diffusers computes what ldmcore does
@@ -284,7 +285,7 @@ def test_dreambooth_full_under_two_processes_draws_class_images_once_and_exports
     run(world, out, "dreambooth", "dreambooth.train=full", "train.max_steps=2", "train.checkpoint_every=2",
         "train.batch_size=1", "dreambooth.num_class_images=3", "dreambooth.class_steps=3",
         "dreambooth.class_batch_size=2", f"data.class_path={classes}", launcher=accelerate_launcher(setup))
-    assert (out / "checkpoints" / "step_00000002" / "rng_1.pt").is_file()  # two ranks trained
+    assert (out / "checkpoints" / "step_00000002" / "rng_1.safetensors").is_file()  # two ranks trained
     assert sorted(p.name for p in classes.iterdir()) == [class_image_name(i) for i in range(3)]  # no stray .partial
     assert (out / "model" / "model_index.json").is_file() and (out / "model.safetensors").is_file()
     assert not (out / "pytorch_lora_weights.safetensors").exists()

@@ -188,7 +188,7 @@ def test_two_processes_train_and_export_what_diffusers_loads(world, tmp_path, se
     run(world, out, "train.max_steps=2", "train.checkpoint_every=2", "validation.prompts=[a red circle]",
         "validation.steps=2", launcher=accelerate_launcher(setup))
     ckpt = out / "checkpoints" / "step_00000002"
-    assert (ckpt / "rng_1.pt").is_file() and (out / "samples" / "step_00000002.png").is_file()
+    assert (ckpt / "rng_1.safetensors").is_file() and (out / "samples" / "step_00000002.png").is_file()
 
     # our U-Net: the base, widened, with the checkpoint's trained weights
     ours = load_components(world / "base").denoiser

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ldmcore.checkpoints import Components, load_components
 from ldmcore.flow import FlowMatchSchedule
-from ldmcore.pipeline import generate
+from ldmcore.pipeline import EncodedPrompts, generate
 from ldmcore.presets import get_preset
 from ldmcore.text import build_word_tokenizer
 
@@ -145,3 +145,25 @@ def test_true_cfg_matches_diffusers(base):
     assert rel_err(ours, unpacked(pipe, expected, 32)) < 1e-5
     plain = generate(parts, "a red circle", steps=4, seed=5, guidance_scale=3.5, height=32, width=32, output="latent")
     assert rel_err(plain, ours) > 1e-3
+
+
+def test_prompts_encoded_beforehand_sample_without_the_text_encoders(base):
+    """Training encodes its validation prompts before T5 and CLIP leave the device: sampling from those
+    gives what the live encoders give, and the encoders are not called."""
+    parts, _ = base
+    prompts = ["a red circle", "a blue square on black"]
+    options = dict(steps=2, height=32, width=32, true_cfg_scale=2.0, negative_prompt="", output="latent")
+    live = generate(parts, prompts, **options)
+    encoded = EncodedPrompts(parts.prompt_encoder(), [prompts, [""] * 2, [""]])
+
+    def refuse(module, args):
+        raise AssertionError("a text encoder was called")
+
+    hooks = [m.register_forward_pre_hook(refuse) for m in parts.text_encoders.values()]
+    try:
+        assert torch.equal(generate(parts, prompts, prompt_encoder=encoded, **options), live)
+        with pytest.raises(KeyError, match="a green circle"):
+            generate(parts, ["a green circle"], prompt_encoder=encoded, **options)
+    finally:
+        for h in hooks:
+            h.remove()

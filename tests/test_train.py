@@ -11,6 +11,8 @@ import torch
 from conftest import build_training_world, unet_call_inputs
 from safetensors.torch import load_file
 
+from trainers.statefile import load_state
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,7 +127,7 @@ def test_two_processes_equal_one_with_twice_the_batch(any_world, tmp_path):
                 "--num_cpu_threads_per_process", "1", "-m", "trainers")
     run(world, tmp_path / "two", "train.max_steps=3", "train.batch_size=2", "train.checkpoint_every=3",
         launcher=launcher)
-    assert (tmp_path / "two" / "checkpoints" / "step_00000003" / "rng_1.pt").is_file()  # two ranks ran
+    assert (tmp_path / "two" / "checkpoints" / "step_00000003" / "rng_1.safetensors").is_file()  # two ranks ran
     a, b = trained(tmp_path / "one" / "checkpoints" / "step_00000003"), trained(
         tmp_path / "two" / "checkpoints" / "step_00000003")
     for k in a:
@@ -139,7 +141,7 @@ def test_bf16_with_8bit_adamw_trains_and_keeps_trained_weights_in_fp32(world, tm
     ckpt = out / "checkpoints" / "step_00000002"
     weights = trained(ckpt)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
-    state = torch.load(ckpt / "optimizer.pt", weights_only=False)["state"]
+    state = load_state(ckpt / "optimizer.safetensors")["state"]
 
     def tensors(tree):  # bitsandbytes nests its quantised state in a dict of its own
         for v in tree.values():
@@ -210,7 +212,7 @@ def test_heldout_validation_loss_and_ema(world, tmp_path):
     assert len(val) == 2 and all(np.isfinite(val))
     assert len(events.Scalars("loss")) >= 1
     ckpt = out / "checkpoints" / "step_00000004"
-    ema = torch.load(ckpt / "ema.pt", weights_only=False)
+    ema = load_state(ckpt / "ema.safetensors")
     raw = trained(ckpt)
     from adapters.lora import LoraSettings, add_lora
     from ldmcore.unet import UNet

@@ -109,6 +109,34 @@ def test_lora_on_a_quantised_base_trains_in_float32_and_exports_plain_lora_files
         assert (out / "samples" / "step_00000003.png").is_file()  # validation sampled the quantised base
 
 
+def test_a_bf16_nf4_base_keeps_its_activations_in_bf16():
+    """bitsandbytes' layers answer in their input's dtype, so float32 latents would keep an NF4 base's
+    whole residual stream (and what backward stores of it) in float32. The training step's denoiser call
+    passes the base its inputs in the base's dtype, as diffusers' training scripts do."""
+    from ldmcore.checkpoints import Components
+    from ldmcore.quantize import is_quantized, quantize_linears
+    from ldmcore.text import build_word_tokenizer
+    from trainers.method import Method, denoise
+
+    parts = Components.from_preset("tiny-flux", build_word_tokenizer("a red circle".split()), seed=0)
+    base = parts.denoiser.requires_grad_(False)
+    quantize_linears(base, "nf4", compute_dtype=torch.bfloat16)
+    base.to("cpu")  # (bitsandbytes quantises here)
+    for p in base.parameters():
+        if not is_quantized(p):
+            p.data = p.data.to(torch.bfloat16)  # as the loop casts a frozen base
+    seen = []
+    base.transformer_blocks[0].register_forward_pre_hook(lambda m, args, kw: seen.append(kw["hidden_states"].dtype),
+                                                         with_kwargs=True)
+    x, t, hidden, pooled, _ = transformer_inputs(base.config)
+    text = {"hidden": hidden, "pooled": pooled}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = denoise({}, Method(None, parts), parts, {}, x, t, text)
+        base(x, t, **parts.family.denoiser_inputs(text))  # called with the float32 latents as they come
+    assert seen == [torch.bfloat16, torch.float32]  # the second shows what the cast prevents
+    assert pred.dtype == torch.bfloat16
+
+
 def test_a_quantised_base_is_refused_for_a_method_that_trains_it(world, tmp_path):
     proc = run(world, "full", tmp_path / "q", "train.max_steps=1", "train.base_quantization=nf4", expect=1)
     assert "base_quantization" in proc.stderr and "full" in proc.stderr

@@ -16,10 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from data_tools.locks import FolderBusy
     from data_tools.schema import ConfigError
     from ldmcore.weights import CheckpointError
 
     from .config import read_config
+    from .interrupts import EXIT_RESUME, Interrupted
     from .loop import TrainingStopped, train
 
     try:
@@ -28,8 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (TrainingStopped, NotImplementedError) as e:
+    except (TrainingStopped, FolderBusy, NotImplementedError) as e:
         print(f"stopped: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:  # the first SIGTERM / Ctrl-C: everything needed to go on is on disk
+        print(f"interrupted: {e}", file=sys.stderr)
+        return EXIT_RESUME
+    except KeyboardInterrupt as e:  # the second: stopped at once
+        print(f"interrupted: {e or 'Ctrl-C'}; the last complete checkpoint is intact (train.resume=latest)",
+              file=sys.stderr)
+        return 130
+    except OSError as e:  # a write failed outside the places that name what they were writing
+        print(f"stopped: {e.strerror or e} ({e.filename}); finished checkpoints and cache shards are intact: "
+              "fix it, then run the same command with train.resume=latest", file=sys.stderr)
         return 1
     print(f"done: {output}")
     return 0

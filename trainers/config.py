@@ -45,6 +45,8 @@ class TrainConfig(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # keep an EMA of the trained weights
     checkpoint_every: int = Field(500, ge=1)
+    # also a checkpoint whenever this many minutes passed since the last (jobs with a wall-clock limit)
+    checkpoint_minutes: Optional[float] = Field(None, gt=0)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
     max_nonfinite_steps: int = Field(10, ge=1)  # stop after this many non-finite losses in a row

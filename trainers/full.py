@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .method import Method
+from .statefile import load_state
 
 TRAINED_FILE = "trained.safetensors"  # the loop's name for what trained_state_dict() returns
 INFO_FILE = "training.json"  # the run's metadata: base model, its hash, the whole config
@@ -84,12 +85,11 @@ class FullMethod(Method):
 
 def _save_denoiser_folder(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> None:
     """A diffusers U-Net or transformer folder (config.json + weights) from a state dict."""
-    from safetensors.torch import save_file
+    from ldmcore.weights import write_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(folder / DENOISER_WEIGHTS),
-              metadata={"format": "pt"})
+    write_safetensors({k: v.float() for k, v in state.items()}, folder / DENOISER_WEIGHTS)
 
 
 # -- the complete export of a checkpoint -----------------------------------------------------------
@@ -98,7 +98,7 @@ def _save_denoiser_folder(folder: Path, config: dict, state: dict[str, torch.Ten
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ema: bool = False) -> list[Path]:
     """Write what the end of the run writes (model/ and model.safetensors) from a checkpoint, with
     its raw weights or, with `ema`, its EMA (then model/unet_raw/ holds the raw ones)."""
-    from safetensors.torch import load_file
+    from ldmcore.weights import read_state_dict
 
     from .config import Config
     from .loop import make_method
@@ -115,13 +115,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ema
         raise ValueError(f"{checkpoint}: a {config.method} run that does not train the whole U-Net; "
                          "LoRA checkpoints export with `python -m adapters export`")
     method.build()
-    method.load_trained_state_dict(load_file(str(checkpoint / TRAINED_FILE)))
+    method.load_trained_state_dict(read_state_dict(checkpoint / TRAINED_FILE))
     if ema:
-        if not (checkpoint / "ema.pt").is_file():
-            raise FileNotFoundError(f"{checkpoint}: no ema.pt; the run had no train.ema_decay, export without --ema")
+        if not (checkpoint / "ema.safetensors").is_file():
+            raise FileNotFoundError(f"{checkpoint}: no ema.safetensors; the run had no train.ema_decay, "
+                                    "export without --ema")
         params = method.parameters()
         method.raw_weights = [p.detach().clone() for p in params]
-        shadow = torch.load(checkpoint / "ema.pt", weights_only=False)["shadow"]
+        shadow = load_state(checkpoint / "ema.safetensors")["shadow"]
         with torch.no_grad():
             for p, s in zip(params, shadow, strict=True):
                 p.copy_(s)

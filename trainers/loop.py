@@ -9,6 +9,8 @@ run end with the same weights as one that never stopped.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -22,15 +24,22 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.buckets import BucketBatchSampler
+from data_tools.locks import FolderBusy, FolderLock
 from data_tools.schema import dump_config
 from data_tools.store import fingerprint
 from ldmcore.checkpoints import Components
+from ldmcore.faults import fault_point
+from ldmcore.weights import read_state_dict, write_safetensors
+from ldmcore.pipeline import EncodedPrompts
 from ldmcore.quantize import is_quantized, quantize_linears
 
 from .batch import collate, to_device  # noqa: F401  (collate: re-exported for tests and bench/)
 from .config import Config
 from .distributed import Engine, make_accelerator, prepare
-from .method import Method, diffusion_loss  # noqa: F401  (diffusion_loss: re-exported for bench/)
+from .integrity import check_checkpoint, write_checksums
+from .interrupts import Interrupted, Interrupts
+from .statefile import load_state, save_state
+from .method import Method, denoise, diffusion_loss  # noqa: F401  (diffusion_loss: re-exported for bench/)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,17 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on; the message says why and what was kept."""
+
+
+class WriteFailed(TrainingStopped):
+    """A write failed (no space left, a read-only or vanished folder); what was half written is removed."""
+
+    def __init__(self, error: OSError, what: str, checkpoints: list[Path]):
+        kept = f"the last complete checkpoint, {checkpoints[-1]}, is intact" if checkpoints else "no checkpoint was written yet"
+        hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some of your quota",
+                errno.EROFS: "make the folder writable", errno.EACCES: "make the folder writable"}.get(error.errno, "fix it")
+        super().__init__(f"could not write {what}: {error.strerror} ({error.filename}); the partial files were removed "
+                         f"and {kept}. {hint.capitalize()}, then run the same command with train.resume=latest")
 
 
 #: method name -> "module:Class"; imported on use so a method's dependencies load only when it runs
@@ -83,14 +103,33 @@ def _checkpoints(output: Path) -> list[Path]:
 
 
 def find_resume(output: Path, resume: str | None) -> Path | None:
+    """The checkpoint `train.resume` names, its files checked against their checksums. "latest": the
+    newest intact one, passing over damaged ones with a warning (None when there is none at all: a
+    fresh start); a damaged named checkpoint, or only damaged ones, stop the run."""
     if resume is None:
         return None
     if resume == "latest":
         found = _checkpoints(output)
-        return found[-1] if found else None
+        damaged = []
+        for folder in reversed(found):
+            problem = check_checkpoint(folder)
+            if problem is None:
+                if damaged:
+                    log.warning("resuming from %s, the newest intact checkpoint", folder)
+                return folder
+            log.warning("skipping checkpoint %s: %s", folder.name, problem)
+            damaged.append(problem)
+        if damaged:
+            raise TrainingStopped(f"train.resume=latest: every checkpoint in {output / CHECKPOINTS} is damaged "
+                                  f"({'; '.join(damaged)}); nothing to resume from. Move them away to start over")
+        return None
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise TrainingStopped(f"train.resume={resume}: not a complete checkpoint folder (no state.json)")
+    problem = check_checkpoint(path)
+    if problem is not None:
+        raise TrainingStopped(f"train.resume={resume}: {problem}; resume from another checkpoint (train.resume=latest "
+                              "takes the newest intact one)")
     return path
 
 
@@ -113,6 +152,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 def train(config: Config) -> Path:
+    """Run the training `config` describes; returns the output folder. On SIGTERM or SIGINT it stops
+    as `trainers.interrupts` describes, raising Interrupted."""
+    with Interrupts() as interrupts, contextlib.ExitStack() as held:
+        return _train(config, interrupts, held)
+
+
+def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -> Path:
+    from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
 
     from .distributed import DeepSpeedConfigError
@@ -127,7 +174,10 @@ def train(config: Config) -> Path:
     main = accelerator.is_main_process
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if main:
-        output.mkdir(parents=True, exist_ok=True)
+        try:  # one run per output_dir: a second stops here, naming the first
+            held.enter_context(FolderLock(output, "output_dir"))
+        except FolderBusy as e:
+            raise TrainingStopped(str(e)) from None
         dump_config(config, output / "config.yaml")
         accelerator.init_trackers("ldm-tune")
     parts = config.model.load()
@@ -142,7 +192,12 @@ def train(config: Config) -> Path:
     for model in (parts.vae, *parts.text_encoders.values()):
         model.to(device)
     dataset, keys = method.dataset(device, progress=main)
+    validation_text = None
     if method.cached_text:  # the steps read the cache: the encoders leave the device (Flux's T5 alone is 9 GB)
+        if config.validation.prompts and main:  # encoded now, so sampling never brings the text encoders back
+            vc, data = config.validation, config.data
+            validation_text = EncodedPrompts(parts.prompt_encoder(data.clip_skip, data.max_windows),
+                                             [vc.prompts, [""] * len(vc.prompts), [""]])
         for model in (parts.vae, *parts.text_encoders.values()):
             model.to("cpu")
     # what a dropped caption conditions on (SDXL: zeros), unbatched
@@ -198,11 +253,20 @@ def train(config: Config) -> Path:
         return accelerator.autocast()
 
     step, skipped, streak = 0, 0, 0
-    resume_from = find_resume(output, tc.resume)
+    # the main process checks the checkpoints' files and tells the others which it took
+    resume_from = broadcast_object_list([find_resume(output, tc.resume) if main else None])[0]
     if resume_from is not None:
         step, skipped, streak = _load_checkpoint(resume_from, method, optimizer, scheduler, ema, sampler, rank, engine)
         if main:
             log.info("resumed from %s at step %d", resume_from, step)
+    interrupts.immediate = False  # from here a signal ends the run at a step's end, with a checkpoint
+    saved_at, saved_time = step, time.monotonic()
+
+    def save():
+        nonlocal saved_at, saved_time
+        _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler,
+                         _metadata(config, base_hash), engine)
+        saved_at, saved_time = step, time.monotonic()
 
     def batches():
         while True:
@@ -237,6 +301,7 @@ def train(config: Config) -> Path:
                 grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
             if not window_bad:
                 optimizer.step()  # under DeepSpeed the backward above stepped, at the window's end
+            fault_point("step")
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
@@ -274,15 +339,26 @@ def train(config: Config) -> Path:
         step_peak = max(step_peak, peak_memory_gib())  # before checkpoints and validation add theirs
         last = now
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-            _save_checkpoint(accelerator, output, step, skipped, streak, method, optimizer, scheduler, ema, sampler,
-                             _metadata(config, base_hash), engine)
+            save()
         if heldout and ((config.validation.every and step % config.validation.every == 0) or step == tc.max_steps):
             val = _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, autocast)
             accelerator.log({"val_loss": val}, step=step)
         if config.validation.prompts and (
             (config.validation.every and step % config.validation.every == 0) or step == tc.max_steps
         ):
-            _validate(accelerator, method, config, output, step, engine, autocast)
+            _validate(accelerator, method, config, output, step, engine, autocast, validation_text)
+        # every process agrees, once a step, whether one of them was signalled or the time checkpoint is due
+        due = bool(tc.checkpoint_minutes) and time.monotonic() - saved_time >= 60 * tc.checkpoint_minutes
+        stop, due = (accelerator.reduce(torch.tensor([interrupts.requested, due], dtype=torch.float32, device=device),
+                                        "max") > 0).tolist()
+        if (stop or due) and saved_at != step:
+            save()
+        if stop and step < tc.max_steps:  # (at the last step the export is all that is left: it runs)
+            bar.close()
+            accelerator.end_training()
+            raise Interrupted(f"stopped after step {step} on a signal; checkpoint {output / CHECKPOINTS}/"
+                              f"step_{step:08d} holds everything to continue: run the same command with "
+                              "train.resume=latest")
     bar.close()
     _write_run_stats(accelerator, output, step_times, step_peak, engine)
 
@@ -329,20 +405,33 @@ def _write_run_stats(accelerator, output: Path, step_times: list[float], step_pe
 def _export(method: Method, folder: Path, metadata: dict, averages: list[torch.Tensor] | None) -> None:
     """Export the trained weights, or with an EMA the averages (the raw weights go beside them
     where the method keeps both: `method.raw_weights`, in parameters() order)."""
-    if averages is None:
-        method.export(folder, metadata)
-        return
-    params = method.parameters()
-    raw = [p.detach().clone() for p in params]
-    for p, a in zip(params, averages, strict=True):
-        p.copy_(a.to(p.device, p.dtype))
-    method.raw_weights = raw
+    staging = folder / ".export_partial"  # written whole, then moved into place file by file
+    shutil.rmtree(staging, ignore_errors=True)
     try:
-        method.export(folder, metadata)
-    finally:
-        for p, r in zip(params, raw):
-            p.copy_(r)
-        method.raw_weights = None
+        staging.mkdir()
+        if averages is None:
+            method.export(staging, metadata)
+        else:
+            params = method.parameters()
+            raw = [p.detach().clone() for p in params]
+            for p, a in zip(params, averages, strict=True):
+                p.copy_(a.to(p.device, p.dtype))
+            method.raw_weights = raw
+            try:
+                method.export(staging, metadata)
+            finally:
+                for p, r in zip(params, raw):
+                    p.copy_(r)
+                method.raw_weights = None
+        fault_point("export", staging)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise WriteFailed(e, "the export", _checkpoints(folder)) from None
+    for item in sorted(staging.iterdir()):
+        if (folder / item.name).is_dir():
+            shutil.rmtree(folder / item.name)
+        os.replace(item, folder / item.name)
+    staging.rmdir()
 
 
 def _metadata(config: Config, base_hash: str) -> dict[str, str]:
@@ -359,10 +448,8 @@ def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimiz
     """Every process writes its global random state (LoRA dropout draws from it) and, under
     DeepSpeed, its optimizer shard; the main process writes the rest and renames the folder into
     place only when everything is in it, so a crash mid-write leaves no complete-looking checkpoint.
-    What the main process writes (trained.safetensors, ema.pt, the exports) is plain whole tensors,
-    the same with or without DeepSpeed."""
-    from safetensors.torch import save_file
-
+    What the main process writes (trained.safetensors, ema.safetensors, the exports) is plain whole
+    tensors, the same with or without DeepSpeed. No file is a pickle (trainers/statefile.py)."""
     main = accelerator.is_main_process
     folder = output / CHECKPOINTS
     tmp = folder / f".tmp_step_{step:08d}"
@@ -370,7 +457,7 @@ def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimiz
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    save_state(_rng_state(), tmp / f"rng_{accelerator.process_index}.safetensors")
     if engine.active:
         engine.save(tmp)
     # collective under DeepSpeed (and the EMA under ZeRO-3): every rank takes part in putting the
@@ -380,18 +467,25 @@ def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimiz
     accelerator.wait_for_everyone()
     with engine.full_weights():
         if main:
-            save_file(state, str(tmp / "trained.safetensors"))
-            if not engine.active:  # DeepSpeed's optimizer state is in its shards
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if ema_state is not None:
-                torch.save(ema_state, tmp / "ema.pt")
-            method.export(tmp, metadata)
+            try:
+                write_safetensors(state, tmp / "trained.safetensors")
+                fault_point("checkpoint_write", tmp / "optimizer.safetensors")
+                if not engine.active:  # DeepSpeed's optimizer state is in its shards
+                    save_state(optimizer.state_dict(), tmp / "optimizer.safetensors")
+                save_state(scheduler.state_dict(), tmp / "scheduler.safetensors")
+                if ema_state is not None:
+                    save_state(ema_state, tmp / "ema.safetensors")
+                method.export(tmp, metadata)
+            except OSError as e:  # a full disk, a vanished folder: the half-written checkpoint goes
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise WriteFailed(e, f"checkpoint step_{step:08d}", _checkpoints(output)) from None
         accelerator.wait_for_everyone()
     if main:
         counters = {"step": step, "skipped": skipped, "streak": streak, "sampler": sampler.state_dict(),
                     "world_size": accelerator.num_processes, "deepspeed": engine.active}
-        (tmp / "state.json").write_text(json.dumps(counters))  # written last: marks the folder complete
+        # checksums of every file, then the counters: state.json, written last, marks the folder complete
+        write_checksums(tmp)
+        (tmp / "state.json").write_text(json.dumps(counters))
         final = folder / f"step_{step:08d}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -401,8 +495,6 @@ def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimiz
 
 
 def _load_checkpoint(folder: Path, method, optimizer, scheduler, ema, sampler, rank, engine: Engine) -> tuple[int, int, int]:
-    from safetensors.torch import load_file
-
     counters = json.loads((folder / "state.json").read_text())
     if counters["world_size"] != sampler.num_replicas:
         raise TrainingStopped(
@@ -415,13 +507,13 @@ def _load_checkpoint(folder: Path, method, optimizer, scheduler, ema, sampler, r
     if engine.active:  # the trained weights (float32 masters included) and the optimizer shards
         engine.load(folder)
     else:
-        method.load_trained_state_dict(load_file(str(folder / "trained.safetensors")))
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        method.load_trained_state_dict(read_state_dict(folder / "trained.safetensors"))
+        optimizer.load_state_dict(load_state(folder / "optimizer.safetensors"))
+    scheduler.load_state_dict(load_state(folder / "scheduler.safetensors"))
     if ema is not None:
-        ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
+        ema.load_state_dict(load_state(folder / "ema.safetensors"))
     sampler.load_state_dict(counters["sampler"])
-    _set_rng_state(torch.load(folder / f"rng_{rank}.pt", weights_only=False))
+    _set_rng_state(load_state(folder / f"rng_{rank}.safetensors"))
     return counters["step"], counters["skipped"], counters["streak"]
 
 
@@ -438,25 +530,25 @@ def _validation_loss(models, method, dataset, heldout, parts, config, empty_text
             noise = torch.randn(latents.shape, generator=g).to(device)
             tt = torch.full((1,), schedule.fixed_timestep(t), device=device)
             text = method.encode_text(batch, torch.zeros(1, dtype=torch.bool, device=device), empty_text, models)
-            inputs = parts.family.denoiser_inputs(text, batch.get("size"))
-            noisy = schedule.add_noise(latents, noise, tt)
-            kwargs = method.unet_kwargs(batch, noisy, tt, inputs, models)
             with autocast():
-                pred = models.get("denoiser", parts.denoiser)(kwargs.pop("sample", noisy), tt, **inputs, **kwargs)
+                pred = denoise(models, method, parts, batch, schedule.add_noise(latents, noise, tt), tt, text)
             losses.append(F.mse_loss(pred.float(), schedule.target(latents, noise, tt).float()).item())
     return float(np.mean(losses))
 
 
 @torch.no_grad()
-def _validate(accelerator, method: Method, config: Config, output: Path, step: int, engine: Engine, autocast) -> None:
+def _validate(accelerator, method: Method, config: Config, output: Path, step: int, engine: Engine, autocast,
+              text: EncodedPrompts | None) -> None:
     """Sample the validation prompts on the main process and save a grid; the others wait (below
-    ZeRO-3 they first lend it their parts of the weights)."""
+    ZeRO-3 they first lend it their parts of the weights). `text`: the prompts encoded before the
+    text encoders left the device (None: they stayed, as they train)."""
     with engine.full_weights():
-        _sample_grid(accelerator, method, config, output, step, autocast)
+        _sample_grid(accelerator, method, config, output, step, autocast, text)
     accelerator.wait_for_everyone()
 
 
-def _sample_grid(accelerator, method: Method, config: Config, output: Path, step: int, autocast) -> None:
+def _sample_grid(accelerator, method: Method, config: Config, output: Path, step: int, autocast,
+                 text: EncodedPrompts | None) -> None:
     from PIL import Image
 
     if accelerator.is_main_process:
@@ -467,15 +559,17 @@ def _sample_grid(accelerator, method: Method, config: Config, output: Path, step
         if torch.cuda.is_available():  # hand the activations' cached blocks to sampling
             torch.cuda.empty_cache()
         images = []
-        # the encoders that left the device after the cache come back for the sampling
-        frozen = [m for m in (parts.vae, *parts.text_encoders.values()) if m.device != denoiser.device]
+        # the VAE comes back for the sampling; the text encoders only if the prompts were not encoded before
+        frozen = [m for m in (parts.vae, *(parts.text_encoders.values() if text is None else ()))
+                  if m.device != denoiser.device]
         for model in frozen:
             model.to(denoiser.device)
         try:
             with autocast():
                 for seed in vc.seeds:
                     images += method.generate(vc.prompts, seed, steps=vc.steps, guidance_scale=vc.guidance_scale,
-                                              sampler=vc.sampler)
+                                              sampler=vc.sampler, clip_skip=config.data.clip_skip,
+                                              prompt_encoder=text)
         finally:
             for model in frozen:
                 model.to("cpu")

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ldmcore.checkpoints import Components
-from ldmcore.family import TextConditioning
+from ldmcore.family import TextConditioning, cast_inputs
 from ldmcore.weights import check_state_dict
 
 from .batch import select
@@ -121,6 +121,19 @@ class Method:
         raise NotImplementedError
 
 
+def denoise(models: dict, method: Method, parts: Components, batch: dict, noisy: torch.Tensor, t: torch.Tensor,
+            text: TextConditioning) -> torch.Tensor:
+    """The denoiser's prediction for `noisy` latents at `t`: the family's conditioning and the method's extra
+    inputs, in the denoiser's dtype as diffusers' training scripts pass them. That keeps a bf16 or quantised
+    base's activations in bf16: bitsandbytes' layers answer in their input's dtype, so float32 latents
+    would keep a quantised model's whole residual stream (and what backward stores of it) in float32."""
+    dtype = parts.denoiser.dtype  # the frozen base's (a trained denoiser's: float32, and autocast casts)
+    inputs = cast_inputs(parts.family.denoiser_inputs(text, batch.get("size")), dtype)
+    kwargs = method.unet_kwargs(batch, noisy, t, inputs, models)
+    sample = kwargs.pop("sample", noisy).to(dtype)
+    return models.get("denoiser", parts.denoiser)(sample, t, **inputs, **kwargs)
+
+
 def diffusion_loss(models: dict, method: Method, batch: dict, parts: Components, config: Config, empty_text, gens) -> torch.Tensor:
     """The denoising loss of one batch; the random draws of sample j come from gens[j] (CPU)."""
     device = batch["mean"].device
@@ -146,12 +159,7 @@ def diffusion_loss(models: dict, method: Method, batch: dict, parts: Components,
     if lc.caption_dropout:
         drop = draw(lambda g: torch.rand((), generator=g) < lc.caption_dropout)
     text = method.encode_text(batch, drop, empty_text, models)  # {"hidden": (b, tokens, width), ...}
-    inputs = parts.family.denoiser_inputs(text, batch.get("size"))
-    denoiser = models.get("denoiser", parts.denoiser)
-
-    kwargs = method.unet_kwargs(batch, noisy, t, inputs, models)
-    sample = kwargs.pop("sample", noisy)
-    pred = denoiser(sample, t, **inputs, **kwargs)
+    pred = denoise(models, method, parts, batch, noisy, t, text)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))  # (b,)
 
     weights = schedule.loss_weights(t, lc).to(per_sample)

@@ -66,7 +66,7 @@ class EMA:
         return [gather_partitions(s, p) if hasattr(p, "ds_tensor") else s for s, p in zip(self.shadow, self.params)]
 
     def state_dict(self) -> dict:
-        """Whole tensors, whatever the partitioning: a checkpoint's ema.pt reads without DeepSpeed."""
+        """Whole tensors, whatever the partitioning: a checkpoint's ema.safetensors reads without DeepSpeed."""
         return {"decay": self.decay, "shadow": [s.cpu() for s in self.full_shadow()]}
 
     def load_state_dict(self, state: dict) -> None:
