@@ -565,6 +565,7 @@ def _sample_grid(accelerator, method: Method, config: Config, output: Path, step
         for model in frozen:
             model.to(denoiser.device)
         try:
+            fault_point("validation")
             with autocast():
                 for seed in vc.seeds:
                     images += method.generate(vc.prompts, seed, steps=vc.steps, guidance_scale=vc.guidance_scale,
