@@ -26,6 +26,7 @@ from ldmcore.faults import fault_point
 from .buckets import BucketConfig, assign_bucket
 from .config import DataConfig
 from .control import ConditioningSource, conditioning_image, find_conditioning
+from .diskspace import ensure_free_space
 from .images import load_rgb, read_bytes
 from .locks import FolderLock
 from .masks import MaskConfig, make_mask, masked_image, variant_seed
@@ -257,6 +258,9 @@ def _fill(manifest, vae, prompt_encoder, cfg: DataConfig, cache_dir: Path, rank:
     mine = [j for j in sorted(jobs, key=lambda j: j.latent)[rank::world_size] if missing(j)]
     text_fp = plan.settings["text_encoder"]
     my_texts = [c for c in captions[rank::world_size] if _text_key(c, text_fp, cfg) not in have["text"]]
+    if rank == 0 and todo:
+        texts = [c for c in captions if _text_key(c, text_fp, cfg) not in have["text"]]
+        ensure_free_space(cache_dir, cache_bytes(todo, texts, vae, prompt_encoder), "the cache")
 
     start = time.perf_counter()
     writers = {s: ShardWriter(cache_dir / s, writer=f"r{rank}", shard_entries=cfg.cache.shard_entries) for s in STORES}
@@ -284,6 +288,24 @@ def _fill(manifest, vae, prompt_encoder, cfg: DataConfig, cache_dir: Path, rank:
         barrier()
     report = PrecomputeReport(len(mine), len(my_texts), len(jobs) - len(todo), seconds)
     return plan, report
+
+
+def cache_bytes(jobs: Sequence[_ImageJob], captions: Sequence[str], vae, prompt_encoder) -> int:
+    """What encoding `jobs` and `captions` adds to the cache: fp16 latent mean and std per view, the
+    inpainting variants' mask and masked latent, control maps in bytes, and each caption's encoding
+    as one encoded caption measures it (Flux's padded T5 states dominate: 4 MiB a caption)."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    channels = vae.config.latent_channels
+    total = 0
+    for job in jobs:
+        h, w = job.plan.bucket_h, job.plan.bucket_w
+        latent = channels * (h // factor) * (w // factor) * 2
+        total += 2 * latent + len(job.inpaint) * (latent + latent // channels)
+        total += 3 * h * w if job.control is not None else 0
+    if captions:
+        encoded = prompt_encoder(list(captions[:1]))
+        total += len(captions) * sum(v[0].numel() * 2 for v in encoded.values())
+    return total
 
 
 def text_fingerprint(prompt_encoder) -> str:

@@ -235,3 +235,36 @@ def test_a_second_run_on_a_folder_in_use_stops_naming_the_first_and_a_killed_one
     holder.wait()
     proc = run(command(world, out, "train.max_steps=1", "validation.prompts=[]"))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB file system (tmpfs), where the test machine lets the test mount one."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here; the injected ENOSPC rows of the matrix cover the writes")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(disk: Path, leave: int) -> None:
+    import shutil
+
+    (disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(disk).free - leave))
+
+
+def test_a_run_that_cannot_fit_stops_before_its_first_step_saying_what_it_needs_where(matrix, small_disk, tmp_path):
+    root, world = matrix[0], matrix[1]
+    fill(small_disk, 64 * 1024)  # room for the run's small files, not for a checkpoint and the export
+    out = small_disk / "out"
+    proc = run(command(world, out, cache=Path(str(root / "reference") + "_cache")))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "a checkpoint and the export needs about" in proc.stderr and f"in {out}, which has" in proc.stderr
+    assert "training:" not in proc.stderr and not (out / "checkpoints").exists()
+
+    (small_disk / "filler").unlink()
+    fill(small_disk, 12 * 1024)
+    proc = run(command(world, tmp_path / "out", cache=small_disk / "cache"))
+    assert proc.returncode == 1 and "the cache needs about" in proc.stderr, proc.stderr[-2000:]
+    assert "encoding images" not in proc.stderr

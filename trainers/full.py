@@ -56,6 +56,13 @@ class FullMethod(Method):
         info.write_text(json.dumps(metadata, indent=2) + "\n")
         return written
 
+    def export_bytes(self, checkpoint: bool) -> int:
+        if checkpoint:  # the checkpoint's denoiser folder links to its trained weights
+            return 0
+        whole = sum(p.numel() * p.element_size() for m in self.components.models for p in m.parameters())
+        raw = sum(p.numel() * 4 for p in self.parameters()) if self.config.train.ema_decay else 0
+        return whole * (2 if self.config.full.single_file else 1) + raw
+
     def _export_model(self, folder: Path) -> list[Path]:
         parts = self.components
         parts.save_pretrained(folder / "model")

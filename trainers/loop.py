@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.buckets import BucketBatchSampler
+from data_tools.diskspace import NotEnoughSpace, ensure_free_space
 from data_tools.locks import FolderBusy, FolderLock
 from data_tools.schema import dump_config
 from data_tools.store import fingerprint
@@ -239,6 +240,14 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
     params = method.parameters()
     if not params:
         raise TrainingStopped(f"method {method.name} left no parameter to train")
+    if main:  # a checkpoint and the export must fit before the first step, not after hours
+        trained = sum(p.numel() * 4 for p in params)
+        moments = {"adamw": 2.0, "adamw8bit": 0.5, "lion8bit": 0.25}.get(tc.optimizer.name, 2.0)
+        checkpoint = trained * (1 + moments + (1 if tc.ema_decay else 0)) + method.export_bytes(checkpoint=True)
+        try:
+            ensure_free_space(output, checkpoint + method.export_bytes(checkpoint=False), "a checkpoint and the export")
+        except NotEnoughSpace as e:
+            raise TrainingStopped(e.strerror) from None
     models, optimizer, engine = prepare(accelerator, method.trained_modules(), params, tc)
     # built on the optimizer that holds the learning rate in use (DeepSpeed's inner one); stepped by
     # us once per optimizer step, on every rank

@@ -120,6 +120,11 @@ class Method:
         """Write the result in the formats other tools load; returns the files written."""
         raise NotImplementedError
 
+    def export_bytes(self, checkpoint: bool) -> int:
+        """About how many bytes `export` writes, into a checkpoint or as the final export (the
+        free-space check before a run): by default two files of the trained weights."""
+        return 2 * sum(p.numel() * 4 for p in self.parameters())
+
 
 def denoise(models: dict, method: Method, parts: Components, batch: dict, noisy: torch.Tensor, t: torch.Tensor,
             text: TextConditioning) -> torch.Tensor:
