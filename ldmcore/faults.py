@@ -4,7 +4,7 @@ Code that writes, signals or waits calls `fault_point("checkpoint_write")` where
 Normally that is a dictionary lookup and nothing happens. With the environment variable
 `LDM_TUNE_FAULTS="point=action[@n],..."` the n-th time (default: the first) the point is reached
 the action happens there: a signal sent to this process (`sigterm`, `sigint`, `sigkill`, `sigint2`:
-SIGINT twice) or an OSError raised as a failing write would raise it (`enospc`: no space left,
+SIGINT twice, `sigstop`: the process stalls, as a hung machine does) or an OSError raised as a failing write would raise it (`enospc`: no space left,
 `erofs`: read-only file system, `eacces`: permission denied). The signal is a real one: the
 process's own handlers meet it exactly as they would meet one from SLURM, Kubernetes or a
 keyboard. tests/test_faults.py runs the fault matrix this way.
@@ -18,7 +18,7 @@ import time
 
 ENV = "LDM_TUNE_FAULTS"
 _ERRORS = {"enospc": errno.ENOSPC, "erofs": errno.EROFS, "eacces": errno.EACCES}
-_SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigkill": signal.SIGKILL}
+_SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigkill": signal.SIGKILL, "sigstop": signal.SIGSTOP}
 
 _plan: dict[str, tuple[str, int]] | None = None
 _hits: dict[str, int] = {}

@@ -50,6 +50,8 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
     max_nonfinite_steps: int = Field(10, ge=1)  # stop after this many non-finite losses in a row
+    # how long a process waits for the others at a collective before it stops the run (a stalled machine)
+    collective_timeout_minutes: float = Field(30.0, gt=0)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -52,10 +52,17 @@ def make_accelerator(tc: TrainConfig, logging_dir: Path):
     kwargs = dict(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation_steps,
                   log_with="tensorboard", project_dir=str(logging_dir))
     _check_accumulation_env(tc)
-    if not using_deepspeed():
-        return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+    from datetime import timedelta
 
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # every collective wait is bounded: a stalled or lost process stops the others instead of hanging them
+    group = dict(timeout=timedelta(minutes=tc.collective_timeout_minutes))
+    if not using_deepspeed():
+        return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(**group)],
+                           **kwargs)
+
+    from accelerate.utils import DeepSpeedPlugin
 
     plugin = DeepSpeedPlugin()
     fill_deepspeed_config(plugin.deepspeed_config, tc, world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -64,12 +71,12 @@ def make_accelerator(tc: TrainConfig, logging_dir: Path):
     if tc.optimizer.name == "adamw" and offloads_optimizer(plugin.deepspeed_config):
         # we build DeepSpeedCPUAdam ourselves (with our betas and eps); accelerate must not swap it
         plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
-    handlers = []
     if not torch.cuda.is_available():
         # accelerate forms a DeepSpeed group only when not told "cpu"; on a CPU machine it then has
         # no backend to name, so name gloo (DeepSpeed's CPU accelerator speaks it)
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    accelerator = Accelerator(cpu=False, deepspeed_plugin=plugin, kwargs_handlers=handlers, **kwargs)
+        group["backend"] = "gloo"
+    accelerator = Accelerator(cpu=False, deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(**group)],
+                              **kwargs)
     # accelerate registers the config with transformers, which then builds every CLIP text model
     # already partitioned (zero.Init) under ZeRO-3. Here ZeRO partitions what the engine wraps and
     # nothing else: the frozen text encoder and VAE stay whole on each rank.

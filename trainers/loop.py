@@ -156,7 +156,56 @@ def train(config: Config) -> Path:
     """Run the training `config` describes; returns the output folder. On SIGTERM or SIGINT it stops
     as `trainers.interrupts` describes, raising Interrupted."""
     with Interrupts() as interrupts, contextlib.ExitStack() as held:
-        return _train(config, interrupts, held)
+        try:
+            return _train(config, interrupts, held)
+        except (RuntimeError, torch.distributed.DistError) as e:
+            if not _is_lost_process(e):
+                raise
+            raise TrainingStopped(f"lost contact with the run's other processes ({str(e).splitlines()[0][-160:]}). "
+                                  f"{_who_is_behind()} Check their logs; once all are stopped, run the same command "
+                                  "with train.resume=latest") from None
+
+
+# -- several processes: who stopped answering --------------------------------------------------------
+
+_HEARTBEAT = "ldm_tune/step/"
+
+
+def _is_lost_process(error: BaseException) -> bool:
+    """A collective that timed out or found its peer gone (gloo, NCCL), in a run of several processes."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out"))
+
+
+def _heartbeat(step: int) -> None:
+    """Each process records, in the launcher's key-value store, the last step it finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set(_HEARTBEAT + str(torch.distributed.get_rank()), str(step))
+
+
+def _who_is_behind() -> str:
+    """Which processes finished fewer steps than the others, from their heartbeats; "" if that cannot be read."""
+    try:
+        from datetime import timedelta
+
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=5))
+        steps = {}
+        for rank in range(torch.distributed.get_world_size()):
+            key = _HEARTBEAT + str(rank)
+            steps[rank] = int(store.get(key)) if store.check([key]) else 0
+    except Exception:  # the store lives with process 0: gone with it
+        return "Process 0 (the first machine) may be the one that stopped."
+    last = max(steps.values())
+    behind = sorted(r for r, s in steps.items() if s < last)
+    if not behind:
+        return f"Every process finished step {last}."
+    return (f"Process(es) {', '.join(map(str, behind))} stopped answering after step "
+            f"{', '.join(str(steps[r]) for r in behind)}; the others finished step {last}.")
 
 
 def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -> Path:
@@ -357,6 +406,7 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
         ):
             _validate(accelerator, method, config, output, step, engine, autocast, validation_text)
         # every process agrees, once a step, whether one of them was signalled or the time checkpoint is due
+        _heartbeat(step)  # (first: "finished step N", for the message should another never arrive)
         due = bool(tc.checkpoint_minutes) and time.monotonic() - saved_time >= 60 * tc.checkpoint_minutes
         stop, due = (accelerator.reduce(torch.tensor([interrupts.requested, due], dtype=torch.float32, device=device),
                                         "max") > 0).tolist()
