@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -234,6 +235,10 @@ def _load_folder(folder: Path, dtype, device, skip_denoiser: bool = False) -> Co
         try:
             parts[name] = _text_model_class(kind).from_pretrained(folder / name, **te_kwargs).to(device).eval()
             parts[tok] = _tokenizer_class(kind).from_pretrained(folder / tok)
+        except pickle.UnpicklingError as e:  # transformers reads .bin weights with weights_only=True
+            raise CheckpointError(f"{folder / name}: refused to unpickle its weights: the file holds more than plain "
+                                  f"weights ({str(e).splitlines()[-1][:160]}). Convert it to safetensors with a tool "
+                                  "you trust") from None
         except (OSError, ValueError) as e:  # transformers' errors for missing or unreadable files
             raise CheckpointError(f"{folder}: could not load {name}/ or {tok}/: {e}") from e
     text_kind = "clip"

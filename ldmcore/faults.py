@@ -2,8 +2,9 @@
 
 Code that writes, signals or waits calls `fault_point("checkpoint_write")` where a fault would hurt.
 Normally that is a dictionary lookup and nothing happens. With the environment variable
-`LDM_TUNE_FAULTS="point=action[@n],..."` the n-th time (default: the first) the point is reached
-the action happens there: a signal sent to this process (`sigterm`, `sigint`, `sigkill`, `sigint2`:
+`LDM_TUNE_FAULTS="point=action[@n][/rank],..."` the n-th time (default: the first) the point is
+reached, in the process of that global rank only when one is given (else in every process), the
+action happens there: a signal sent to this process (`sigterm`, `sigint`, `sigkill`, `sigint2`:
 SIGINT twice, `sigstop`: the process stalls, as a hung machine does) or an OSError raised as a failing write would raise it (`enospc`: no space left,
 `erofs`: read-only file system, `eacces`: permission denied). The signal is a real one: the
 process's own handlers meet it exactly as they would meet one from SLURM, Kubernetes or a
@@ -28,10 +29,12 @@ def _load() -> dict[str, tuple[str, int]]:
     plan = {}
     for item in filter(None, (s.strip() for s in os.environ.get(ENV, "").split(","))):
         point, _, action = item.partition("=")
+        action, _, rank = action.partition("/")
         action, _, nth = action.partition("@")
         if action not in _ERRORS and action not in _SIGNALS and action != "sigint2":
             raise ValueError(f"{ENV}: unknown action {action!r} in {item!r}")
-        plan[point] = (action, int(nth or 1))
+        if not rank or rank == os.environ.get("RANK", "0"):
+            plan[point] = (action, int(nth or 1))
     return plan
 
 

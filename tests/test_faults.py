@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_training_world, run_all
+from conftest import accelerate_launcher, build_training_world, run_all
 from safetensors.torch import load_file
 
 from data_tools.locks import FolderLock
@@ -197,6 +197,12 @@ def test_no_planted_pickle_runs_anywhere_a_file_is_read(matrix, tmp_path):
     plant(model / "unet" / "diffusion_pytorch_model.bin", marker)
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.bin"):
         load_components(model)
+    model = copy_run(world / "model", tmp_path / "model_te")  # the text encoder's, read by transformers
+    for f in (model / "text_encoder").glob("*.safetensors"):
+        f.unlink()
+    torch.save({"text_model.embeddings.token_embedding.weight": Planted(marker)}, model / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="text_encoder: refused to unpickle"):
+        load_components(model)
     # a checkpoint's state files: only the safetensors ones are read; a pickle beside them is named, not read
     ckpt = copy_run(root / "reference" / "checkpoints" / LAST, tmp_path / "ckpt")
     (ckpt / "optimizer.safetensors").unlink()
@@ -268,3 +274,23 @@ def test_a_run_that_cannot_fit_stops_before_its_first_step_saying_what_it_needs_
     proc = run(command(world, tmp_path / "out", cache=small_disk / "cache"))
     assert proc.returncode == 1 and "the cache needs about" in proc.stderr, proc.stderr[-2000:]
     assert "encoding images" not in proc.stderr
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(matrix, tmp_path):
+    """Two processes; only the second is sent SIGTERM (at its third step). Both finish that step, the
+    checkpoint holds both processes' states, both exit 75, and the resumed run ends as the one that met
+    no signal."""
+    world = matrix[1]
+    two = [*accelerate_launcher("multi"), *command(world, tmp_path / "ref")[4:], "train.batch_size=1"]
+    assert run(two).returncode == 0
+    out = tmp_path / "signalled"
+    cmd = ["env", "LDM_TUNE_FAULTS=step=sigterm@3/1", *accelerate_launcher("multi"), *command(world, out)[4:],
+           "train.batch_size=1"]
+    proc = run(cmd)
+    assert proc.returncode != 0 and proc.stderr.count("stopped after step 3 on a signal") == 2, proc.stderr[-3000:]
+    last = out / "checkpoints" / "step_00000003"
+    assert (last / "rng_0.safetensors").is_file() and (last / "rng_1.safetensors").is_file()
+    resumed = [*accelerate_launcher("multi"), *command(world, out, "train.resume=latest")[4:], "train.batch_size=1"]
+    proc = run(resumed)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(out, tmp_path / "ref")
