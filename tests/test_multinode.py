@@ -36,7 +36,7 @@ def two_machines(world: Path, out: Path, config: str, *extra: str, faults_on_1: 
                  wait_s: float = 300) -> tuple[list[int | None], list[str]]:
     """Launch machine 0 and machine 1 (one process each) and wait for machine 0; machine 1 is killed if it
     is still running then (a stalled machine). Returns both exit codes (None: killed) and logs."""
-    port, procs, logs = free_port(), [], []
+    port, procs, files = free_port(), [], []
     for rank in (0, 1):
         env = ["env", f"LDM_TUNE_FAULTS={faults_on_1}"] if faults_on_1 and rank == 1 else []
         cmd = [*env, sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -46,8 +46,8 @@ def two_machines(world: Path, out: Path, config: str, *extra: str, faults_on_1: 
                # DeepSpeed: the same command on each machine (accelerate's default is the pdsh-based deepspeed runner)
                *(["--deepspeed_multinode_launcher", "standard"] if config != "multi" else []),
                "-m", "trainers", *args(world, out, *extra)]
-        log = open(f"{out}_machine{rank}.log", "w")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        files.append(open(f"{out}_machine{rank}.log", "w"))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=files[-1], stderr=subprocess.STDOUT, start_new_session=True))
     started, codes = time.monotonic(), [None, None]
     codes[0] = procs[0].wait(timeout=wait_s)
     try:
@@ -58,6 +58,8 @@ def two_machines(world: Path, out: Path, config: str, *extra: str, faults_on_1: 
 
         os.killpg(procs[1].pid, signal.SIGKILL)  # the stalled machine, its launcher and its worker
         procs[1].wait()
+    for f in files:
+        f.close()
     return codes, [Path(f"{out}_machine{rank}.log").read_text() for rank in (0, 1)]
 
 
