@@ -641,8 +641,10 @@ def _sample_grid(accelerator, method: Method, config: Config, output: Path, step
         grid = Image.new("RGB", (w * cols, h * len(vc.seeds)))
         for i, im in enumerate(images):
             grid.paste(im, ((i % cols) * w, (i // cols) * h))
-        (output / "samples").mkdir(parents=True, exist_ok=True)
-        grid.save(output / "samples" / f"step_{step:08d}.png")
+        path = output / "samples" / f"step_{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fault_point("samples_write", path)
+        grid.save(path)
         try:
             writer = accelerator.get_tracker("tensorboard", unwrap=True)
             writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
