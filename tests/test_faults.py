@@ -313,3 +313,14 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(matrix,
     proc = run(resumed)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(out, tmp_path / "ref")
+
+
+def test_time_based_checkpoints_fall_on_step_boundaries_and_change_nothing(matrix, tmp_path):
+    root, world = matrix[0], matrix[1]
+    out = tmp_path / "timed"
+    proc = run(command(world, out, "train.checkpoint_minutes=0.0001", "train.keep_checkpoints=10",
+                       cache=Path(str(root / "reference") + "_cache")))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # due after every step (a 6 ms period), beside the every-4-steps ones
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [f"step_{i:08d}" for i in range(1, 7)]
+    assert_same_run(out, root / "reference")
