@@ -21,11 +21,53 @@ from data_tools.schema import Strict, load_config
 
 
 
+class ProdigyConfig(Strict):
+    """Prodigy (prodigyopt) estimates the step size itself: keep train.learning_rate near 1.0."""
+    d_coef: float = Field(1.0, gt=0)  # scales the estimated step size
+    d0: float = Field(1e-6, gt=0)  # the first estimate
+    use_bias_correction: bool = False
+    safeguard_warmup: bool = False  # recommended with a warmup (train.warmup_steps)
+
+
+class ScheduleFreeConfig(Strict):
+    """Schedule-free AdamW (schedulefree): no LR schedule (train.lr_scheduler constant, no
+    train.warmup_steps); it averages its iterates instead and exports the averaged weights."""
+    warmup_steps: int = Field(0, ge=0)  # its own warmup
+    r: float = 0.0
+    weight_lr_power: float = 2.0
+
+
+class AdafactorConfig(Strict):
+    """Adafactor (transformers): factored second moments, little optimizer memory."""
+    relative_step: bool = False  # True: its own step size, train.learning_rate unused
+    scale_parameter: bool = False
+    warmup_init: bool = False
+    clip_threshold: float = Field(1.0, gt=0)
+    decay_rate: float = -0.8
+
+
+#: the optimizers whose settings have a section of their own
+OPTIMIZER_SECTIONS = {"prodigy": "prodigy", "adamw_schedulefree": "schedulefree", "adafactor": "adafactor"}
+
+
 class OptimizerConfig(Strict):
-    name: Literal["adamw", "adamw8bit", "lion8bit"] = "adamw"  # the 8-bit ones keep state in 8 bits (bitsandbytes)
-    betas: tuple[float, float] = (0.9, 0.999)
+    # adamw (torch); adamw8bit and lion8bit (bitsandbytes: state in 8 bits); prodigy (prodigyopt);
+    # adamw_schedulefree (schedulefree); adafactor (transformers)
+    name: Literal["adamw", "adamw8bit", "lion8bit", "prodigy", "adamw_schedulefree", "adafactor"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)  # (not Adafactor's)
     weight_decay: float = Field(1e-2, ge=0)
-    eps: float = Field(1e-8, gt=0)
+    eps: float = Field(1e-8, gt=0)  # (not Lion's or Adafactor's)
+    prodigy: ProdigyConfig = ProdigyConfig()
+    schedulefree: ScheduleFreeConfig = ScheduleFreeConfig()
+    adafactor: AdafactorConfig = AdafactorConfig()
+
+    @model_validator(mode="after")
+    def _settings_of_the_optimizer_in_use(self):
+        for name, section in OPTIMIZER_SECTIONS.items():
+            if section in self.model_fields_set and self.name != name:
+                raise ValueError(f"train.optimizer.{section} is set but train.optimizer.name is {self.name}: "
+                                 f"set name: {name}, or remove the {section} section")
+        return self
 
 
 class TrainConfig(Strict):
@@ -57,6 +99,14 @@ class TrainConfig(Strict):
     @classmethod
     def _yaml_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
+    @model_validator(mode="after")
+    def _schedule_free_has_no_schedule(self):
+        if self.optimizer.name == "adamw_schedulefree" and (self.lr_scheduler != "constant" or self.warmup_steps):
+            raise ValueError("train.optimizer.name adamw_schedulefree replaces the LR schedule: set "
+                             "train.lr_scheduler: constant and train.warmup_steps: 0 (its own warmup is "
+                             "train.optimizer.schedulefree.warmup_steps)")
+        return self
 
 
 class LossConfig(Strict):

@@ -154,7 +154,15 @@ def offloads_optimizer(ds: dict) -> bool:
 
 def check_optimizer(tc: TrainConfig, ds: dict) -> None:
     """Refuse at start what would fail or silently change mid-run."""
+    from .optim import WHOLE_PARAMETERS
+
     name = tc.optimizer.name
+    if name in WHOLE_PARAMETERS:
+        raise DeepSpeedConfigError(
+            f"train.optimizer.name={name} needs every parameter whole on every process, and DeepSpeed ZeRO hands "
+            "each process flat slices of them (its step size, factored moments or averaged iterates would differ "
+            "from one process's). Launch with configs/accelerate/multi.yaml (data parallel), or use adamw, "
+            "adamw8bit or lion8bit under DeepSpeed")
     if name != "adamw" and offloads_optimizer(ds):
         raise DeepSpeedConfigError(
             f"train.optimizer.name={name} cannot run with the optimizer offloaded to the CPU: DeepSpeed's offload "

@@ -39,6 +39,7 @@ from .config import Config
 from .distributed import Engine, make_accelerator, prepare
 from .integrity import check_checkpoint, write_checksums
 from .interrupts import Interrupted, Interrupts
+from .optim import averaged_weights
 from .statefile import load_state, save_state
 from .method import Method, denoise, diffusion_loss  # noqa: F401  (diffusion_loss: re-exported for bench/)
 
@@ -399,12 +400,14 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
         if step % tc.checkpoint_every == 0 or step == tc.max_steps:
             save()
         if heldout and ((config.validation.every and step % config.validation.every == 0) or step == tc.max_steps):
-            val = _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, autocast)
+            with averaged_weights(engine.base_optimizer(optimizer)):
+                val = _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, autocast)
             accelerator.log({"val_loss": val}, step=step)
         if config.validation.prompts and (
             (config.validation.every and step % config.validation.every == 0) or step == tc.max_steps
         ):
-            _validate(accelerator, method, config, output, step, engine, autocast, validation_text)
+            with averaged_weights(engine.base_optimizer(optimizer)):
+                _validate(accelerator, method, config, output, step, engine, autocast, validation_text)
         # every process agrees, once a step, whether one of them was signalled or the time checkpoint is due
         _heartbeat(step)  # (first: "finished step N", for the message should another never arrive)
         due = bool(tc.checkpoint_minutes) and time.monotonic() - saved_time >= 60 * tc.checkpoint_minutes
@@ -425,7 +428,8 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
     averages = ema.full_shadow() if ema is not None else None  # collective below ZeRO-3
     with engine.full_weights():
         if main:
-            _export(method, output, _metadata(config, base_hash), averages)
+            with averaged_weights(engine.base_optimizer(optimizer)):
+                _export(method, output, _metadata(config, base_hash), averages)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output
@@ -534,7 +538,8 @@ def _save_checkpoint(accelerator, output, step, skipped, streak, method, optimiz
                 save_state(scheduler.state_dict(), tmp / "scheduler.safetensors")
                 if ema_state is not None:
                     save_state(ema_state, tmp / "ema.safetensors")
-                method.export(tmp, metadata)
+                with averaged_weights(engine.base_optimizer(optimizer)):  # (after the resume state is written)
+                    method.export(tmp, metadata)
             except OSError as e:  # a full disk, a vanished folder: the half-written checkpoint goes
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise WriteFailed(e, f"checkpoint step_{step:08d}", _checkpoints(output)) from None
