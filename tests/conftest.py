@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["WANDB_MODE"] = "offline"  # a run that reports to Weights & Biases writes locally, never contacts it
 # one thread per process: tests launch training subprocesses side by side on a 2-core machine, and
 # oversubscribed OpenMP threads made each of them several times slower
 os.environ.setdefault("OMP_NUM_THREADS", "1")

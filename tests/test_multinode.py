@@ -56,11 +56,25 @@ def two_machines(world: Path, out: Path, config: str, *extra: str, faults_on_1: 
         import os
         import signal
 
-        os.killpg(procs[1].pid, signal.SIGKILL)  # the stalled machine, its launcher and its worker
+        os.killpg(procs[1].pid, signal.SIGKILL)  # the stalled machine's launcher...
         procs[1].wait()
+        kill_matching(f"output_dir={out}")  # ...and its worker, which torchrun starts in a session of its own
     for f in files:
         f.close()
     return codes, [Path(f"{out}_machine{rank}.log").read_text() for rank in (0, 1)]
+
+
+def kill_matching(text: str) -> None:
+    """SIGKILL every process whose command line contains `text`."""
+    import os
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
 
 
 def trained(out: Path, step: int) -> dict:

@@ -80,3 +80,17 @@ def test_optimizer_settings_that_cannot_work_are_named(tmp_path):
         read_config(CONFIG, ["model.path=m", "data.path=d", "train.optimizer.prodigy.d_coef=2"])
     with pytest.raises(ConfigError, match="train.optimizer.name"):
         read_config(CONFIG, ["model.path=m", "data.path=d", "train.optimizer.name=sgd"])
+
+
+def test_weights_and_biases_beside_tensorboard_writes_offline(world, tmp_path):
+    """logging.report_to: [tensorboard, wandb]: both get the scalars and the validation grid; under
+    WANDB_MODE=offline (the tests' setting) W&B writes its run into output_dir/logs/wandb."""
+    out = tmp_path / "tracked"
+    proc = run(world, out, "logging.report_to=[tensorboard, wandb]", "logging.run_name=tiny", "train.max_steps=2",
+               "train.log_every=1", "validation.prompts=[a red circle]", "validation.steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((out / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), list((out / "logs").rglob("*"))[:20]
+    assert list(runs[0].glob("files/media/images/validation_2_*.png"))  # the grid of step 2
+    assert b"tiny" in next(runs[0].glob("*.wandb")).read_bytes()  # the run's name
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard's beside it

@@ -200,6 +200,15 @@ class VaeConfig(Strict):
     l2_weight: float = Field(0.0, ge=0)  # an optional MSE term beside L1
 
 
+class LoggingConfig(Strict):
+    """Where the scalars and validation grids go (accelerate's trackers). TensorBoard writes to
+    output_dir/logs; Weights & Biases (pip install wandb) to its own service, or with WANDB_MODE=offline
+    to output_dir/logs/wandb for a later `wandb sync`."""
+    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
+    project: str = "ldm-tune"  # the W&B project (and TensorBoard's run folder name)
+    run_name: Optional[str] = None  # the W&B run's name; default: the output_dir's name
+
+
 class Config(Strict):
     method: Literal["lora", "dreambooth", "full", "inpaint", "controlnet", "vae"]
     model: ModelConfig
@@ -214,6 +223,7 @@ class Config(Strict):
     inpaint: InpaintConfig = InpaintConfig()
     controlnet: ControlNetConfig = ControlNetConfig()
     vae: VaeConfig = VaeConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 def read_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:

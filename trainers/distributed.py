@@ -46,11 +46,11 @@ def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def make_accelerator(tc: TrainConfig, logging_dir: Path):
+def make_accelerator(tc: TrainConfig, logging_dir: Path, report_to: list[str] = ("tensorboard",)):
     from accelerate import Accelerator
 
     kwargs = dict(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation_steps,
-                  log_with="tensorboard", project_dir=str(logging_dir))
+                  log_with=list(report_to), project_dir=str(logging_dir))
     _check_accumulation_env(tc)
     from datetime import timedelta
 

@@ -219,7 +219,7 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
     tc = config.train
     output = Path(config.output_dir)
     try:
-        accelerator = make_accelerator(tc, output / "logs")
+        accelerator = make_accelerator(tc, output / "logs", _trackers(config))
     except DeepSpeedConfigError as e:
         raise TrainingStopped(str(e)) from None
     main = accelerator.is_main_process
@@ -230,7 +230,10 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
         except FolderBusy as e:
             raise TrainingStopped(str(e)) from None
         dump_config(config, output / "config.yaml")
-        accelerator.init_trackers("ldm-tune")
+        lc = config.logging
+        accelerator.init_trackers(lc.project, init_kwargs={"wandb": {
+            "name": lc.run_name or output.name, "dir": str(output / "logs"),
+            "config": config.model_dump(mode="json")}})
     parts = config.model.load()
     if not parts.family.trainable:
         raise TrainingStopped(
@@ -433,6 +436,32 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output
+
+
+def _trackers(config: Config) -> list[str]:
+    """The trackers to report to; one that is not installed stops the run before anything starts."""
+    import importlib.util
+
+    for name in config.logging.report_to:
+        if name == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise TrainingStopped("logging.report_to includes wandb, which is not installed: pip install wandb "
+                                  "(or remove it; TensorBoard needs nothing)")
+    return list(config.logging.report_to)
+
+
+def _log_image(accelerator, config: Config, name: str, image, step: int) -> None:
+    """A picture to every tracker in use; a tracker that fails only warns (logging never ends a run)."""
+    for tracker in config.logging.report_to:
+        try:
+            if tracker == "tensorboard":
+                accelerator.get_tracker("tensorboard", unwrap=True).add_image(name, np.asarray(image), step,
+                                                                                dataformats="HWC")
+            elif tracker == "wandb":
+                import wandb
+
+                accelerator.get_tracker("wandb", unwrap=True).log({name: wandb.Image(image)}, step=step)
+        except Exception as e:
+            log.warning("could not log the %s picture to %s: %s", name, tracker, e)
 
 
 def peak_memory_gib() -> float:
@@ -650,9 +679,5 @@ def _sample_grid(accelerator, method: Method, config: Config, output: Path, step
         path.parent.mkdir(parents=True, exist_ok=True)
         fault_point("samples_write", path)
         grid.save(path)
-        try:
-            writer = accelerator.get_tracker("tensorboard", unwrap=True)
-            writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
-        except Exception as e:  # logging must never end a run
-            log.warning("could not log the validation grid to TensorBoard: %s", e)
+        _log_image(accelerator, config, "validation", grid, step)
     accelerator.wait_for_everyone()
