@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test bench base demo checks clean
+.PHONY: venv test bench base demo checks clean docs
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 test: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The configuration reference, generated from the typed schema (tests/test_docs.py checks it is current)
+docs: venv
+	$(PY) -m ldm_tune.config_docs > docs/config.md
 
 # The tiny world's base model, trained here from nothing (a few minutes on a CPU), and its score
 base: venv

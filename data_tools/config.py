@@ -31,28 +31,29 @@ class CacheConfig(Strict):
     flip: bool = False  # also cache the mirrored picture; training then picks one of the two per step
     crop: Literal["center", "random"] = "center"  # random crops are drawn once, from data.seed, at precompute
     inpaint_masks: int = Field(0, ge=0)  # K mask variants per image, for 9-channel inpainting
+    # with inpaint_masks: how often each kind of mask is drawn
     mask_weights: dict[str, float] = {"rectangle": 1.0, "ellipse": 1.0, "brush": 2.0, "full": 0.5}
     control: Optional[Literal["canny", "folder"]] = None  # ControlNet conditioning images
     control_dir: Optional[str] = None  # with control: folder, conditioning images matched by file stem
     canny_low: int = Field(100, ge=0)  # with control: canny, the hysteresis thresholds
-    canny_high: int = Field(200, ge=0)
-    batch_size: int = Field(8, ge=1)
+    canny_high: int = Field(200, ge=0)  # (the upper one)
+    batch_size: int = Field(8, ge=1)  # pictures per VAE batch while encoding
     num_workers: int = Field(2, ge=0)  # DataLoader workers decoding while the VAE encodes
-    shard_entries: int = Field(256, ge=1)
+    shard_entries: int = Field(256, ge=1)  # entries per cache file
 
 
 class DataConfig(Strict):
     path: str  # a folder of images (sidecar captions or metadata.jsonl/csv) or a saved datasets folder
     resolution: int = Field(512, ge=16)  # bucket area is resolution**2; 512 for SD 1.x, 768 for SD 2.x
-    bucket_step: int = Field(64, ge=8)
+    bucket_step: int = Field(64, ge=8)  # bucket sides are multiples of this (64 for SD; Flux needs 16)
     no_upscale: bool = False  # small images get a smaller bucket instead of being enlarged
-    min_side: int = Field(256, ge=1)
-    max_aspect: float = Field(4.0, ge=1.0)
+    min_side: int = Field(256, ge=1)  # pictures whose shorter side is smaller are skipped
+    max_aspect: float = Field(4.0, ge=1.0)  # pictures longer than this ratio are skipped
     instance_prompt: Optional[str] = None  # DreamBooth, and the caption for images without one
-    class_path: Optional[str] = None
-    class_prompt: Optional[str] = None
+    class_path: Optional[str] = None  # DreamBooth: the class (prior preservation) pictures, topped up by sampling
+    class_prompt: Optional[str] = None  # DreamBooth: their caption
     background: tuple[int, int, int] = (255, 255, 255)  # what transparent pixels are composited onto
     max_windows: int = Field(1, ge=1)  # 77-token windows per caption; 1 truncates, as SD was trained
-    clip_skip: int = Field(0, ge=0)
-    seed: int = 0
+    clip_skip: int = Field(0, ge=0)  # read CLIP this many layers before the last (SD 1.x anime models: 1)
+    seed: int = 0  # random crops and the order of pictures
     cache: CacheConfig = CacheConfig()

@@ -25,7 +25,7 @@ class ProdigyConfig(Strict):
     """Prodigy (prodigyopt) estimates the step size itself: keep train.learning_rate near 1.0."""
     d_coef: float = Field(1.0, gt=0)  # scales the estimated step size
     d0: float = Field(1e-6, gt=0)  # the first estimate
-    use_bias_correction: bool = False
+    use_bias_correction: bool = False  # Adam's bias correction in the step-size estimate
     safeguard_warmup: bool = False  # recommended with a warmup (train.warmup_steps)
 
 
@@ -33,17 +33,17 @@ class ScheduleFreeConfig(Strict):
     """Schedule-free AdamW (schedulefree): no LR schedule (train.lr_scheduler constant, no
     train.warmup_steps); it averages its iterates instead and exports the averaged weights."""
     warmup_steps: int = Field(0, ge=0)  # its own warmup
-    r: float = 0.0
-    weight_lr_power: float = 2.0
+    r: float = 0.0  # polynomial weighting of the averaged iterates (0: uniform)
+    weight_lr_power: float = 2.0  # how strongly later, larger steps weigh in the average
 
 
 class AdafactorConfig(Strict):
     """Adafactor (transformers): factored second moments, little optimizer memory."""
     relative_step: bool = False  # True: its own step size, train.learning_rate unused
-    scale_parameter: bool = False
-    warmup_init: bool = False
-    clip_threshold: float = Field(1.0, gt=0)
-    decay_rate: float = -0.8
+    scale_parameter: bool = False  # scale the step by the parameter's RMS
+    warmup_init: bool = False  # with relative_step: warm the step size up from 0
+    clip_threshold: float = Field(1.0, gt=0)  # clip the update's RMS to this
+    decay_rate: float = -0.8  # the second moment's decay exponent
 
 
 #: the optimizers whose settings have a section of their own
@@ -55,7 +55,7 @@ class OptimizerConfig(Strict):
     # adamw_schedulefree (schedulefree); adafactor (transformers)
     name: Literal["adamw", "adamw8bit", "lion8bit", "prodigy", "adamw_schedulefree", "adafactor"] = "adamw"
     betas: tuple[float, float] = (0.9, 0.999)  # (not Adafactor's)
-    weight_decay: float = Field(1e-2, ge=0)
+    weight_decay: float = Field(1e-2, ge=0)  # decoupled weight decay
     eps: float = Field(1e-8, gt=0)  # (not Lion's or Adafactor's)
     prodigy: ProdigyConfig = ProdigyConfig()
     schedulefree: ScheduleFreeConfig = ScheduleFreeConfig()
@@ -73,24 +73,25 @@ class OptimizerConfig(Strict):
 class TrainConfig(Strict):
     max_steps: int = Field(ge=1)  # optimizer steps
     batch_size: int = Field(1, ge=1)  # per process, per micro-step
-    learning_rate: float = Field(1e-4, gt=0)
-    seed: int = 0
+    learning_rate: float = Field(1e-4, gt=0)  # the peak learning rate (after warmup)
+    seed: int = 0  # every random draw of the run derives from it
     resume: Optional[str] = None  # "latest" or a checkpoint folder
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)  # micro-steps per optimizer step
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # the frozen base in low precision; trained weights fp32
     # the frozen denoiser's linear layers in 4 (NF4) or 8 bits, QLoRA style (LoRA and ControlNet; bitsandbytes)
     base_quantization: Optional[Literal["nf4", "int8"]] = None
-    max_grad_norm: Optional[float] = Field(1.0, gt=0)
-    gradient_checkpointing: bool = False
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)  # clip the gradient norm to this; null: no clipping
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # after warmup: constant, or decaying to 0 at max_steps
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0)  # linear warmup from 0
     optimizer: OptimizerConfig = OptimizerConfig()
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # keep an EMA of the trained weights
-    checkpoint_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)  # optimizer steps between checkpoints (and always at the end)
     # also a checkpoint whenever this many minutes passed since the last (jobs with a wall-clock limit)
     checkpoint_minutes: Optional[float] = Field(None, gt=0)
-    keep_checkpoints: int = Field(3, ge=1)
-    log_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)  # the newest N are kept
+    log_every: int = Field(10, ge=1)  # steps between logged scalars
     max_nonfinite_steps: int = Field(10, ge=1)  # stop after this many non-finite losses in a row
     # how long a process waits for the others at a collective before it stops the run (a stalled machine)
     collective_timeout_minutes: float = Field(30.0, gt=0)
@@ -116,29 +117,31 @@ class LossConfig(Strict):
     caption_dropout: float = Field(0.0, ge=0, le=1)  # share of captions replaced by the empty prompt (for CFG)
     # flow-matching models (Flux): how training sigmas are drawn and weighed (ldmcore.flow)
     timestep_sampling: Optional[Literal["uniform", "logit_normal"]] = None  # None: logit-normal for flow models
-    logit_mean: float = 0.0
-    logit_std: float = Field(1.0, gt=0)
+    logit_mean: float = 0.0  # logit-normal draws: the mean of the logit
+    logit_std: float = Field(1.0, gt=0)  # logit-normal draws: the spread of the logit
     # None: the scheduler's own shift (Flux.1-dev: by resolution); "none"; "resolution"; or a fixed shift
     timestep_shift: Optional[Union[Literal["none", "resolution"], float]] = None
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"  # per-sigma loss weights (SD3 paper's names)
 
 
 class LoraConfig(Strict):
-    rank: int = Field(16, ge=1)
+    rank: int = Field(16, ge=1)  # the LoRA rank (dimension)
     alpha: Optional[float] = Field(None, gt=0)  # None: alpha = rank (scale 1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the LoRA branch
+    # a preset, or module-name suffixes / regular expressions
     targets: Union[Literal["attention", "attention+ff", "all"], list[str]] = "attention"
+    # peft's init_lora_weights (true: B = 0, the model starts unchanged)
     init: Union[bool, Literal["gaussian", "pissa", "olora"]] = True
-    use_dora: bool = False
+    use_dora: bool = False  # DoRA: a learned magnitude per output beside the LoRA direction
     text_encoder: bool = False  # also train the text encoder's LoRA (then captions are encoded live)
     trigger_words: list[str] = []  # written into the exported files' metadata
 
 
 class ValidationConfig(Strict):
     every: int = Field(0, ge=0)  # steps between validations; 0: only at the end when prompts are given
-    prompts: list[str] = []
-    seeds: list[int] = [0]
-    steps: int = Field(20, ge=1)
+    prompts: list[str] = []  # validation prompts, sampled every validation.every steps
+    seeds: list[int] = [0]  # one row of the grid per seed
+    steps: int = Field(20, ge=1)  # sampling steps
     guidance_scale: Optional[float] = None  # None: the model family's default (SD 7.5, SDXL 5, Flux 3.5)
     sampler: Optional[Literal["ddpm", "ddim", "euler", "dpmpp_2m"]] = None  # None: the model's own default
     loss_timesteps: list[int] = [100, 300, 500, 700, 900]  # validation loss at fixed timesteps
@@ -152,7 +155,7 @@ class DreamBoothConfig(Strict):
     prior_loss_weight times the class mean."""
     train: Literal["lora", "full"] = "lora"  # what trains: a LoRA (the `lora` section) or the whole U-Net
     prior_preservation: bool = True  # false: instance images only (then leave data.class_path unset)
-    prior_loss_weight: float = Field(1.0, ge=0)
+    prior_loss_weight: float = Field(1.0, ge=0)  # the class images' loss weight
     num_class_images: int = Field(100, ge=0)  # the base draws the rest when data.class_path has fewer
     class_steps: int = Field(25, ge=1)  # sampling steps for generated class images
     class_guidance_scale: Optional[float] = None  # None: the model family's default
@@ -196,7 +199,7 @@ class ControlNetConfig(Strict):
 
 class VaeConfig(Strict):
     """Train the KL autoencoder itself (the tiny world's base): L1 reconstruction plus a small KL term."""
-    kl_weight: float = Field(1e-6, ge=0)
+    kl_weight: float = Field(1e-6, ge=0)  # the KL term's weight
     l2_weight: float = Field(0.0, ge=0)  # an optional MSE term beside L1
 
 
@@ -204,16 +207,17 @@ class LoggingConfig(Strict):
     """Where the scalars and validation grids go (accelerate's trackers). TensorBoard writes to
     output_dir/logs; Weights & Biases (pip install wandb) to its own service, or with WANDB_MODE=offline
     to output_dir/logs/wandb for a later `wandb sync`."""
-    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
+    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]  # the trackers to report to
     project: str = "ldm-tune"  # the W&B project (and TensorBoard's run folder name)
     run_name: Optional[str] = None  # the W&B run's name; default: the output_dir's name
 
 
 class Config(Strict):
+    # what to train (each method has its section below)
     method: Literal["lora", "dreambooth", "full", "inpaint", "controlnet", "vae"]
     model: ModelConfig
     data: DataConfig
-    output_dir: str
+    output_dir: str  # checkpoints, exports, logs, samples and the run's config.yaml go here (one run per folder)
     train: TrainConfig
     loss: LossConfig = LossConfig()
     lora: LoraConfig = LoraConfig()
