@@ -118,3 +118,40 @@ def test_generate_names_what_is_wrong(model, tmp_path):
     assert proc.returncode == 2 and "WIDTHxHEIGHT" in proc.stderr
     proc = cli("generate", str(tmp_path / "nomodel"), PROMPT)
     assert proc.returncode == 2 and "nomodel" in proc.stderr
+
+
+def test_a_prompts_file_samples_each_prompt_with_its_own_settings_during_training(tmp_path):
+    """kohya's sample-prompts lines (--n --w --h --d --l --s) through `ldm-tune train`: each prompt is drawn
+    with its settings, as `generate` draws it, and its PNG says how."""
+    from conftest import build_training_world
+
+    from trainers.samples import PromptsFileError, read_prompts_file
+
+    world = build_training_world(tmp_path / "world")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# samples\na red circle --n blue --w 64 --h 32 --d 3 --l 5.5 --s 3\n\na green square --s 2\n")
+    out = tmp_path / "run"
+    proc = cli("train", str(ROOT / "configs" / "tiny" / "lora.yaml"), f"model.path={world / 'model'}",
+               f"data.path={world / 'data'}", f"data.cache.dir={tmp_path / 'cache'}", f"output_dir={out}",
+               "train.max_steps=1", f"validation.prompts_file={prompts}", "validation.seeds=[9]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = out / "samples" / "step_00000001_00.png", out / "samples" / "step_00000001_01.png"
+    info = read_parameters(Image.open(first).text["parameters"])
+    assert (info["prompt"], info["negative"], info["Size"], info["Seed"], info["CFG scale"], info["Steps"]) == (
+        "a red circle", "blue", "64x32", "3", "5.5", "3")
+    assert read_parameters(Image.open(second).text["parameters"])["Seed"] == "9"  # the validation seed
+    from adapters.lora import merge_lora
+
+    parts = load_components(world / "model")  # the model as sampled: the base with the step's LoRA
+    merge_lora(parts, out / "checkpoints" / "step_00000001" / "pytorch_lora_weights.safetensors")
+    want = generate(parts, "a red circle", negative_prompt="blue", seed=3, height=32, width=64, steps=3,
+                    guidance_scale=5.5)[0]
+    assert np.abs(pixels(first).astype(int) - np.asarray(want).astype(int)).max() <= 1  # (merged vs injected LoRA)
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a cat --q 3\n")
+    with pytest.raises(PromptsFileError, match=r"bad.txt:1: unknown option --q"):
+        read_prompts_file(bad)
+    bad.write_text("a cat --w wide\n")
+    with pytest.raises(PromptsFileError, match=r"bad.txt:1: --w 'wide' is not a int"):
+        read_prompts_file(bad)

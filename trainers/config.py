@@ -140,6 +140,9 @@ class LoraConfig(Strict):
 class ValidationConfig(Strict):
     every: int = Field(0, ge=0)  # steps between validations; 0: only at the end when prompts are given
     prompts: list[str] = []  # validation prompts, sampled every validation.every steps
+    # kohya-style sample prompts, one per line with its own settings: --n negative --w width --h height
+    # --d seed --l guidance --s steps (trainers/samples.py); each saved as its own PNG with its settings
+    prompts_file: Optional[str] = None
     seeds: list[int] = [0]  # one row of the grid per seed
     steps: int = Field(20, ge=1)  # sampling steps
     guidance_scale: Optional[float] = None  # None: the model family's default (SD 7.5, SDXL 5, Flux 3.5)

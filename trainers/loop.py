@@ -40,6 +40,7 @@ from .distributed import Engine, make_accelerator, prepare
 from .integrity import check_checkpoint, write_checksums
 from .interrupts import Interrupted, Interrupts
 from .optim import averaged_weights
+from .samples import PromptsFileError, SamplePrompt, read_prompts_file
 from .statefile import load_state, save_state
 from .method import Method, denoise, diffusion_loss  # noqa: F401  (diffusion_loss: re-exported for bench/)
 
@@ -234,6 +235,12 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
         accelerator.init_trackers(lc.project, init_kwargs={"wandb": {
             "name": lc.run_name or output.name, "dir": str(output / "logs"),
             "config": config.model_dump(mode="json")}})
+    sample_prompts = None
+    if config.validation.prompts_file:  # read before anything heavy: a bad line stops the run at once
+        try:
+            sample_prompts = read_prompts_file(config.validation.prompts_file)
+        except PromptsFileError as e:
+            raise TrainingStopped(str(e)) from None
     parts = config.model.load()
     if not parts.family.trainable:
         raise TrainingStopped(
@@ -248,10 +255,11 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
     dataset, keys = method.dataset(device, progress=main)
     validation_text = None
     if method.cached_text:  # the steps read the cache: the encoders leave the device (Flux's T5 alone is 9 GB)
-        if config.validation.prompts and main:  # encoded now, so sampling never brings the text encoders back
+        if (config.validation.prompts or sample_prompts) and main:  # encoded now: sampling never brings them back
             vc, data = config.validation, config.data
-            validation_text = EncodedPrompts(parts.prompt_encoder(data.clip_skip, data.max_windows),
-                                             [vc.prompts, [""] * len(vc.prompts), [""]])
+            batches = [vc.prompts, [""] * len(vc.prompts), [""]] if vc.prompts else [[""]]
+            batches += [[p.prompt] for p in sample_prompts or ()] + [[p.negative] for p in sample_prompts or ()]
+            validation_text = EncodedPrompts(parts.prompt_encoder(data.clip_skip, data.max_windows), batches)
         for model in (parts.vae, *parts.text_encoders.values()):
             model.to("cpu")
     # what a dropped caption conditions on (SDXL: zeros), unbatched
@@ -406,11 +414,12 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
             with averaged_weights(engine.base_optimizer(optimizer)):
                 val = _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, autocast)
             accelerator.log({"val_loss": val}, step=step)
-        if config.validation.prompts and (
+        if (config.validation.prompts or sample_prompts) and (
             (config.validation.every and step % config.validation.every == 0) or step == tc.max_steps
         ):
             with averaged_weights(engine.base_optimizer(optimizer)):
-                _validate(accelerator, method, config, output, step, engine, autocast, validation_text)
+                _validate(accelerator, method, config, output, step, engine, autocast, validation_text,
+                          sample_prompts, base_hash)
         # every process agrees, once a step, whether one of them was signalled or the time checkpoint is due
         _heartbeat(step)  # (first: "finished step N", for the message should another never arrive)
         due = bool(tc.checkpoint_minutes) and time.monotonic() - saved_time >= 60 * tc.checkpoint_minutes
@@ -462,6 +471,18 @@ def _log_image(accelerator, config: Config, name: str, image, step: int) -> None
                 accelerator.get_tracker("wandb", unwrap=True).log({name: wandb.Image(image)}, step=step)
         except Exception as e:
             log.warning("could not log the %s picture to %s: %s", name, tracker, e)
+
+
+def _row(images):
+    """Pictures side by side (of any sizes), on black."""
+    from PIL import Image
+
+    row = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
+    x = 0
+    for im in images:
+        row.paste(im, (x, 0))
+        x += im.width
+    return row
 
 
 def peak_memory_gib() -> float:
@@ -631,18 +652,21 @@ def _validation_loss(models, method, dataset, heldout, parts, config, empty_text
 
 @torch.no_grad()
 def _validate(accelerator, method: Method, config: Config, output: Path, step: int, engine: Engine, autocast,
-              text: EncodedPrompts | None) -> None:
+              text: EncodedPrompts | None, sample_prompts: list[SamplePrompt] | None, base_hash: str) -> None:
     """Sample the validation prompts on the main process and save a grid; the others wait (below
     ZeRO-3 they first lend it their parts of the weights). `text`: the prompts encoded before the
     text encoders left the device (None: they stayed, as they train)."""
     with engine.full_weights():
-        _sample_grid(accelerator, method, config, output, step, autocast, text)
+        _sample_grid(accelerator, method, config, output, step, autocast, text, sample_prompts, base_hash)
     accelerator.wait_for_everyone()
 
 
 def _sample_grid(accelerator, method: Method, config: Config, output: Path, step: int, autocast,
-                 text: EncodedPrompts | None) -> None:
+                 text: EncodedPrompts | None, sample_prompts: list[SamplePrompt] | None, base_hash: str) -> None:
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from ldmcore.pngmeta import a1111_parameters
 
     if accelerator.is_main_process:
         vc, parts = config.validation, method.components
@@ -659,25 +683,45 @@ def _sample_grid(accelerator, method: Method, config: Config, output: Path, step
             model.to(denoiser.device)
         try:
             fault_point("validation")
+            common = dict(sampler=vc.sampler, clip_skip=config.data.clip_skip, prompt_encoder=text)
             with autocast():
-                for seed in vc.seeds:
+                for seed in vc.seeds if vc.prompts else ():
                     images += method.generate(vc.prompts, seed, steps=vc.steps, guidance_scale=vc.guidance_scale,
-                                              sampler=vc.sampler, clip_skip=config.data.clip_skip,
-                                              prompt_encoder=text)
+                                              **common)
+                own = [method.generate([p.prompt], vc.seeds[0] if p.seed is None else p.seed,
+                                       steps=p.steps or vc.steps,
+                                       guidance_scale=vc.guidance_scale if p.guidance is None else p.guidance,
+                                       negative_prompt=p.negative, height=p.height, width=p.width, **common)[0]
+                       for p in sample_prompts or ()]
         finally:
             for model in frozen:
                 model.to("cpu")
         denoiser.train(was_training)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        w, h = images[0].size
-        cols = len(vc.prompts)
-        grid = Image.new("RGB", (w * cols, h * len(vc.seeds)))
-        for i, im in enumerate(images):
-            grid.paste(im, ((i % cols) * w, (i // cols) * h))
         path = output / "samples" / f"step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        fault_point("samples_write", path)
-        grid.save(path)
-        _log_image(accelerator, config, "validation", grid, step)
+        if images:
+            w, h = images[0].size
+            cols = len(vc.prompts)
+            grid = Image.new("RGB", (w * cols, h * len(vc.seeds)))
+            for i, im in enumerate(images):
+                grid.paste(im, ((i % cols) * w, (i // cols) * h))
+            fault_point("samples_write", path)
+            grid.save(path)
+            _log_image(accelerator, config, "validation", grid, step)
+        family = parts.family
+        for i, (p, im) in enumerate(zip(sample_prompts or (), own)):  # each with how it was made, A1111's way
+            guidance = vc.guidance_scale if p.guidance is None else p.guidance
+            settings = {"steps": p.steps or vc.steps, "sampler": vc.sampler or parts.schedule.default_sampler,
+                        "cfg_scale": family.default_guidance_scale if guidance is None else guidance,
+                        "seed": vc.seeds[0] if p.seed is None else p.seed, "width": im.width, "height": im.height,
+                        "model_hash": base_hash[:10], "model_name": f"{Path(config.model.path).stem} (step {step})"}
+            info = PngInfo()
+            info.add_text("parameters", a1111_parameters(p.prompt, p.negative, [], settings))
+            own_path = path.with_name(f"step_{step:08d}_{i:02d}.png")
+            fault_point("samples_write", own_path)
+            im.save(own_path, pnginfo=info)
+        if own:
+            _log_image(accelerator, config, "samples", _row(own), step)
     accelerator.wait_for_everyone()
