@@ -64,7 +64,8 @@ class OptimizerConfig(Strict):
     @model_validator(mode="after")
     def _settings_of_the_optimizer_in_use(self):
         for name, section in OPTIMIZER_SECTIONS.items():
-            if section in self.model_fields_set and self.name != name:
+            settings = getattr(self, section)  # (a saved config has every section: only changed ones count)
+            if self.name != name and settings != type(settings)():
                 raise ValueError(f"train.optimizer.{section} is set but train.optimizer.name is {self.name}: "
                                  f"set name: {name}, or remove the {section} section")
         return self
