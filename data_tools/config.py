@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .schema import Strict
 
@@ -56,4 +56,15 @@ class DataConfig(Strict):
     max_windows: int = Field(1, ge=1)  # 77-token windows per caption; 1 truncates, as SD was trained
     clip_skip: int = Field(0, ge=0)  # read CLIP this many layers before the last (SD 1.x anime models: 1)
     seed: int = 0  # random crops and the order of pictures
+    # masked loss: the loss is weighed by a mask per picture (white trains, black is ignored), from the
+    # picture's alpha channel or from a folder of masks named after the pictures (outside data.path)
+    loss_mask: Optional[Literal["alpha", "folder"]] = None
+    loss_mask_dir: Optional[str] = None  # with loss_mask: folder
     cache: CacheConfig = CacheConfig()
+
+    @model_validator(mode="after")
+    def _mask_folder_with_its_mode(self):
+        if (self.loss_mask == "folder") != (self.loss_mask_dir is not None):
+            raise ValueError("data.loss_mask: folder and data.loss_mask_dir go together (the folder of masks, "
+                             "named after the pictures)")
+        return self

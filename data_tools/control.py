@@ -60,7 +60,7 @@ def canny(img: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
 
 
 def find_conditioning(
-    folder: str | os.PathLike, stems: Iterable[str], *, strict: bool = False
+    folder: str | os.PathLike, stems: Iterable[str], *, strict: bool = False, what: str = "conditioning image"
 ) -> tuple[dict[str, Path], list[str]]:
     """Match training images to conditioning files in `folder` by file stem (`cat_01.jpg` ->
     `cat_01.png`). Returns (found: stem -> path, missing stems in the order given).
@@ -70,7 +70,7 @@ def find_conditioning(
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"conditioning folder {folder} does not exist or is not a folder")
+        raise FileNotFoundError(f"{what} folder {folder} does not exist or is not a folder")
     suffixes = IMAGE_EXTENSIONS
     by_stem: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
@@ -82,15 +82,15 @@ def find_conditioning(
         candidates = by_stem.get(stem, [])
         if len(candidates) > 1:
             names = ", ".join(p.name for p in candidates)
-            raise ValueError(f"{folder}: several conditioning images for {stem!r} ({names}); keep one")
+            raise ValueError(f"{folder}: several {what}s for {stem!r} ({names}); keep one")
         if candidates:
             found[stem] = candidates[0]
         else:
             missing.append(stem)
     if strict and missing:
         shown = ", ".join(repr(s) for s in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"{folder}: no conditioning image for {len(missing)} training image(s): {shown}; "
-                                "name each map after its training image's stem")
+        raise FileNotFoundError(f"{folder}: no {what} for {len(missing)} training image(s): {shown}; "
+                                f"name each {what} after its training image's stem")
     return found, missing
 
 

@@ -65,6 +65,8 @@ class CachedDataset(Dataset):
             "caption": item.captions[c] if item.captions else "",  # for a text encoder that trains
             "is_class": torch.tensor(item.role == "class"),
         }
+        if "loss_mask" in latent:  # data.loss_mask: (1, h, w), the loss's weight per latent pixel
+            out["loss_mask"] = latent["loss_mask"]
         if item.inpaint and item.inpaint[view]:
             variants = item.inpaint[view]
             entry = self.stores["inpaint"].get(variants[self._choice(i, len(variants), "mask")])

@@ -29,6 +29,7 @@ from .control import ConditioningSource, conditioning_image, find_conditioning
 from .diskspace import ensure_free_space
 from .images import load_rgb, read_bytes
 from .locks import FolderLock
+from .loss_masks import loss_mask_image, mask_tensor, to_latent_size
 from .masks import MaskConfig, make_mask, masked_image, variant_seed
 from .records import ImageRecord, Manifest
 from .store import ShardWriter, build_index, content_key, fingerprint, verify_shards, write_index
@@ -92,6 +93,7 @@ class _ImageJob:
     mask_seeds: tuple[int, ...]
     control: str | None
     control_path: str | None  # the user's map, when control comes from a folder
+    loss_mask_path: str | None = None  # data.loss_mask: folder, the picture's mask
 
 
 def _control_source(cfg: DataConfig) -> ConditioningSource | None:
@@ -103,6 +105,13 @@ def _control_source(cfg: DataConfig) -> ConditioningSource | None:
 
 def _text_key(caption: str, text_fp: str, cfg: DataConfig) -> str:
     return content_key("text", caption, text_fp, cfg.clip_skip, cfg.max_windows)
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def bucket_config(cfg: DataConfig) -> BucketConfig:
@@ -130,14 +139,22 @@ def plan_cache(manifest: Manifest, cfg: DataConfig, vae_fp: str, text_fp: str) -
     if source is not None and source.kind == "folder":
         # every training image needs its map; a missing one is an error naming the stems
         maps, _ = find_conditioning(source.folder, [Path(r.source).stem for r in manifest.records], strict=True)
+    masks: dict[str, Path] = {}
+    if cfg.loss_mask == "folder":  # every picture needs its mask; a missing one is an error naming the stems
+        masks, _ = find_conditioning(cfg.loss_mask_dir, [Path(r.source).stem for r in manifest.records], strict=True,
+                                     what="loss mask")
     items, jobs, captions = [], [], {""}
     for r, rec in enumerate(manifest.records):
+        mask_path = str(masks[Path(rec.source).stem]) if cfg.loss_mask == "folder" else None
+        # a latent with a loss mask is another entry (the mask file's bytes count); without one, keys stay as they were
+        with_mask = () if cfg.loss_mask is None else (cfg.loss_mask, _file_sha256(mask_path) if mask_path else None)
         base = crop_plan(rec, cfg, bucket_cfg)
         bucket = (base.bucket_w, base.bucket_h)
         views = [base] + ([flipped(base)] if cc.flip else [])
         latent_keys, inpaint_keys, control_keys = [], [], []
         for view, plan in enumerate(views):
-            latent = content_key("latent", rec.sha256, plan.to_dict(), bucket_cfg.to_dict(), cfg.background, vae_fp)
+            latent = content_key("latent", rec.sha256, plan.to_dict(), bucket_cfg.to_dict(), cfg.background, vae_fp,
+                                 *with_mask)
             base_seed = int(latent[:8], 16)
             seeds = tuple(variant_seed(base_seed, k) for k in range(cc.inpaint_masks))
             inpaint = tuple(content_key("inpaint", latent, mask_cfg.to_dict(), s) for s in seeds)
@@ -145,7 +162,7 @@ def plan_cache(manifest: Manifest, cfg: DataConfig, vae_fp: str, text_fp: str) -
             if source is not None:
                 control_path = str(maps[Path(rec.source).stem]) if source.kind == "folder" else None
                 control = content_key("control", rec.sha256, plan.to_dict(), source.to_dict(), control_path)
-            jobs.append(_ImageJob(r, view, plan, latent, inpaint, seeds, control, control_path))
+            jobs.append(_ImageJob(r, view, plan, latent, inpaint, seeds, control, control_path, mask_path))
             latent_keys.append(latent)
             inpaint_keys.append(inpaint)
             if control:
@@ -175,9 +192,13 @@ class _Pictures(Dataset):
     def __getitem__(self, i: int) -> dict:
         job = self.jobs[i]
         rec = self.manifest.records[job.record]
-        image = load_rgb(read_bytes(rec.source), background=self.cfg.background)
+        data = read_bytes(rec.source)
+        image = load_rgb(data, background=self.cfg.background)
         pixels = to_tensor(apply(image, job.plan))  # (3, H, W) in [-1, 1]
         out = {"index": i, "pixels": pixels}
+        if self.cfg.loss_mask:  # cut as the picture is
+            out["loss_mask"] = mask_tensor(apply(loss_mask_image(data, rec.source, self.cfg.loss_mask,
+                                                                 job.loss_mask_path), job.plan))  # (1, H, W)
         h, w = pixels.shape[1:]
         if job.mask_seeds:
             masks = [make_mask(w, h, s, self.mask_cfg) for s in job.mask_seeds]
@@ -347,7 +368,10 @@ def _encode_images(manifest, jobs, vae, cfg: DataConfig, writers, have, progress
         for b, i in enumerate(batch["index"].tolist()):
             job = jobs[i]
             if job.latent not in have["latents"]:
-                writers["latents"].add(job.latent, {"mean": post.mean[b].half(), "std": post.std[b].half()})
+                entry = {"mean": post.mean[b].half(), "std": post.std[b].half()}
+                if "loss_mask" in batch:  # (1, h, w): each latent pixel the mean of the mask it covers
+                    entry["loss_mask"] = to_latent_size(batch["loss_mask"][b : b + 1].float(), factor)[0].half()
+                writers["latents"].add(job.latent, entry)
             if job.control is not None and job.control not in have["control"]:
                 writers["control"].add(job.control, {"image": batch["control"][b]})
         if "masks" in batch:

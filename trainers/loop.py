@@ -252,7 +252,10 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
     # The cache first: the VAE and the text encoders are needed for it, not for the steps.
     for model in (parts.vae, *parts.text_encoders.values()):
         model.to(device)
-    dataset, keys = method.dataset(device, progress=main)
+    try:
+        dataset, keys = method.dataset(device, progress=main)
+    except (ValueError, FileNotFoundError) as e:  # the data's own problems: a missing map or mask, no usable image
+        raise TrainingStopped(f"the data cannot be used: {e}") from None
     validation_text = None
     if method.cached_text:  # the steps read the cache: the encoders leave the device (Flux's T5 alone is 9 GB)
         if (config.validation.prompts or sample_prompts) and main:  # encoded now: sampling never brings them back

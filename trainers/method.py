@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from data_tools.loss_masks import masked_mean
 from ldmcore.checkpoints import Components
 from ldmcore.family import TextConditioning, cast_inputs
 from ldmcore.weights import check_state_dict
@@ -165,7 +166,8 @@ def diffusion_loss(models: dict, method: Method, batch: dict, parts: Components,
         drop = draw(lambda g: torch.rand((), generator=g) < lc.caption_dropout)
     text = method.encode_text(batch, drop, empty_text, models)  # {"hidden": (b, tokens, width), ...}
     pred = denoise(models, method, parts, batch, noisy, t, text)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))  # (b,)
+    # (b,): the mean squared error, over the loss mask's weight where the data has one (data.loss_mask)
+    per_sample = masked_mean(F.mse_loss(pred.float(), target.float(), reduction="none"), batch.get("loss_mask"))
 
     weights = schedule.loss_weights(t, lc).to(per_sample)
     extra = method.sample_weights(batch)
