@@ -42,8 +42,19 @@ class CacheConfig(Strict):
     shard_entries: int = Field(256, ge=1)  # entries per cache file
 
 
+class SubsetConfig(Strict):
+    """One folder of pictures among several in a run (kohya's dataset subsets, OneTrainer's concepts)."""
+    path: str  # a folder of images, captioned as data.path is
+    repeats: int = Field(1, ge=1)  # how many times an epoch visits each of its pictures
+    role: Literal["instance", "class"] = "instance"  # class: DreamBooth's prior-preservation pictures
+    caption: Optional[str] = None  # the caption of its pictures that have none (say, the trigger word)
+
+
 class DataConfig(Strict):
-    path: str  # a folder of images (sidecar captions or metadata.jsonl/csv) or a saved datasets folder
+    # a folder of images (sidecar captions or metadata.jsonl/csv) or a saved datasets folder; or data.subsets
+    path: Optional[str] = None
+    # several folders, each with its repeats and role, instead of data.path (and data.class_path)
+    subsets: list[SubsetConfig] = []
     resolution: int = Field(512, ge=16)  # bucket area is resolution**2; 512 for SD 1.x, 768 for SD 2.x
     bucket_step: int = Field(64, ge=8)  # bucket sides are multiples of this (64 for SD; Flux needs 16)
     no_upscale: bool = False  # small images get a smaller bucket instead of being enlarged
@@ -61,6 +72,15 @@ class DataConfig(Strict):
     loss_mask: Optional[Literal["alpha", "folder"]] = None
     loss_mask_dir: Optional[str] = None  # with loss_mask: folder
     cache: CacheConfig = CacheConfig()
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (not self.subsets):
+            raise ValueError("give data.path (one folder) or data.subsets (several), one of the two")
+        if self.subsets and (self.class_path or self.class_prompt):
+            raise ValueError("with data.subsets, class pictures are a subset with role: class (and its caption), "
+                             "not data.class_path")
+        return self
 
     @model_validator(mode="after")
     def _mask_folder_with_its_mode(self):

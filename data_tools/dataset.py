@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -20,10 +21,13 @@ from .transforms import CropPlan
 
 
 class CachedDataset(Dataset):
-    def __init__(self, cache_dir: str | os.PathLike, plan: CachePlan | None = None, seed: int = 0):
+    def __init__(self, cache_dir: str | os.PathLike, plan: CachePlan | None = None, seed: int = 0,
+                 repeats: Sequence[int] = ()):
         self.cache_dir = Path(cache_dir)
         self.plan = plan or CachePlan.load(self.cache_dir)
         self.seed = seed
+        # how many times an epoch visits each item: its subset's `repeats` (data.subsets), else once
+        self.repeats = [repeats[it.subset] if repeats else 1 for it in self.plan.items]
         self.epoch = 0
         self.stores = {s: ShardReader(self.cache_dir / s) for s in STORES}
         missing = [k for item in self.plan.items for k in item.latents if k not in self.stores["latents"]]

@@ -20,13 +20,9 @@ class PixelDataset(Dataset):
     def __init__(self, cfg: DataConfig, progress: bool = False):
         from tqdm.auto import tqdm
 
-        from .scan import scan
+        from .precompute import scan_data
 
-        manifest = scan(cfg.path, min_side=cfg.min_side, max_aspect=cfg.max_aspect, background=cfg.background,
-                        progress=progress)
-        if not manifest.records:
-            raise ValueError(f"{cfg.path}: no usable images ({manifest.skipped_by_reason()}); "
-                             "run `python -m data_tools scan` for details")
+        manifest = scan_data(cfg, progress=progress)
         buckets = bucket_config(cfg)
         self.keys, self.pictures, self._buckets = [], [], []
         for rec in tqdm(manifest.records, desc="decoding", unit="img", disable=not progress):

@@ -55,6 +55,7 @@ class CacheItem:
     control: tuple[str, ...] = ()
     crops: tuple[dict, ...] = ()  # per view: original size, resize, crop offsets, flip (CropPlan.to_dict)
     captions: tuple[str, ...] = ()  # the caption texts, in the order of `texts`
+    subset: int = 0  # which of data.subsets
 
 
 @dataclasses.dataclass
@@ -172,7 +173,7 @@ def plan_cache(manifest: Manifest, cfg: DataConfig, vae_fp: str, text_fp: str) -
         crops = tuple(v.to_dict() for v in views)
         items.append(
             CacheItem(r, rec.role, bucket, tuple(latent_keys), texts, tuple(inpaint_keys), tuple(control_keys), crops,
-                      tuple(rec.captions))
+                      tuple(rec.captions), rec.subset)
         )
     settings = {"data": cfg.model_dump(mode="json"), "vae": vae_fp, "text_encoder": text_fp}
     return CachePlan(items, _text_key("", text_fp, cfg), settings), jobs, sorted(captions)
@@ -405,24 +406,42 @@ def process_state():
 
 
 def cache_dir_for(cfg: DataConfig) -> Path:
-    """Where the cache lives: `data.cache.dir`, else a hidden folder inside the dataset (scans skip it)."""
-    return Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.path) / ".ldm_cache"
+    """Where the cache lives: `data.cache.dir`, else a hidden folder inside the dataset (the first
+    subset's; scans skip it)."""
+    return Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.path or cfg.subsets[0].path) / ".ldm_cache"
+
+
+def scan_data(cfg: DataConfig, progress: bool = True) -> Manifest:
+    """The pictures of `data.path` (with `data.class_path`), or of every subset in `data.subsets`, each
+    record marked with its subset and role. Raises ValueError when nothing is usable, naming the folders."""
+    from .scan import scan
+
+    common = dict(min_side=cfg.min_side, max_aspect=cfg.max_aspect, background=cfg.background, progress=progress)
+    if not cfg.subsets:
+        manifest = scan(cfg.path, instance_prompt=cfg.instance_prompt, class_path=cfg.class_path,
+                        class_prompt=cfg.class_prompt, **common)
+    else:
+        manifest = Manifest(root=cfg.subsets[0].path)
+        for i, sub in enumerate(cfg.subsets):
+            part = scan(sub.path, instance_prompt=sub.caption, **common)
+            if not part.records:
+                raise ValueError(f"data.subsets[{i}] ({sub.path}): no usable images ({part.skipped_by_reason()}); "
+                                 "run `python -m data_tools scan` on it for details")
+            manifest.records += [dataclasses.replace(r, role=sub.role, subset=i) for r in part.records]
+            manifest.skipped += part.skipped
+            manifest.warnings += part.warnings
+    if not manifest.records:
+        raise ValueError(f"{cfg.path}: no usable images ({manifest.skipped_by_reason()}); "
+                         "run `python -m data_tools scan` for details")
+    return manifest
 
 
 def prepare_cache(cfg: DataConfig, vae, prompt_encoder, *, progress: bool = True) -> tuple[CachePlan, PrecomputeReport]:
     """Scan the dataset and bring its cache up to date: what the `precompute` command and the
     trainers call. Under `accelerate launch` every process takes its share of the work."""
-    from .scan import scan
-
     state = process_state()
     cache_dir = cache_dir_for(cfg)
-    manifest = scan(
-        cfg.path, instance_prompt=cfg.instance_prompt, class_path=cfg.class_path, class_prompt=cfg.class_prompt,
-        min_side=cfg.min_side, max_aspect=cfg.max_aspect, background=cfg.background,
-        progress=progress and state.is_main_process,
-    )
-    if not manifest.records:
-        raise ValueError(f"{cfg.path}: no usable images ({manifest.skipped_by_reason()}); run `python -m data_tools scan` for details")
+    manifest = scan_data(cfg, progress=progress and state.is_main_process)
     if state.is_main_process:
         manifest.save(cache_dir / "scan_report.json")
     return precompute(

@@ -28,6 +28,7 @@ class ImageRecord:
     captions: tuple[str, ...]
     role: str = "instance"
     conditioning: str | None = None  # a user-given ControlNet conditioning image, matched by stem
+    subset: int = 0  # which of data.subsets it came from
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -127,6 +127,9 @@ class FullDreamBooth(DreamBoothMethod, FullMethod):
 
 def check_config(config) -> None:
     data, db = config.data, config.dreambooth
+    if data.subsets:
+        raise ConfigError("method dreambooth reads data.path and data.class_path (it tops the class folder up by "
+                          "sampling); data.subsets serves the other methods: use data.path")
     if not data.instance_prompt:
         raise ConfigError("method dreambooth: set data.instance_prompt, the caption with the trigger word "
                           "(e.g. 'a photo of sks dog')")

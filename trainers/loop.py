@@ -272,9 +272,11 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
     heldout = sorted(order[len(order) - config.validation.heldout :]) if config.validation.heldout else []
     if heldout and len(heldout) >= len(dataset):
         raise TrainingStopped(f"validation.heldout={config.validation.heldout} leaves no image to train on")
-    train_items = [i for i in range(len(dataset)) if i not in set(heldout)]
+    train_items = epoch_items(getattr(dataset, "repeats", None) or [1] * len(dataset), heldout)
     sampler = BucketBatchSampler([dataset.buckets[i] for i in train_items], tc.batch_size, seed=tc.seed,
                                  num_replicas=world, rank=rank)
+    if main:
+        log.info("%s", _data_plan(config, dataset, train_items, len(sampler)))
 
     # Seeded right here: what the method initialises (LoRA's A matrices) must depend on the seed
     # only, not on whether building the cache above drew from the global generator.
@@ -448,6 +450,32 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output
+
+
+def epoch_items(repeats: list[int], heldout: list[int]) -> list[int]:
+    """The dataset items an epoch visits, each `repeats[i]` times (its subset's, data.subsets), the
+    held-out ones left out; the sampler shuffles them into batches."""
+    held = set(heldout)
+    return [i for i, n in enumerate(repeats) if i not in held for _ in range(n)]
+
+
+def _data_plan(config: Config, dataset, train_items: list[int], batches_per_epoch: int) -> str:
+    """What an epoch is made of, said at the start: pictures and repeats per subset, steps per epoch."""
+    tc, data = config.train, config.data
+    lines = ["data:"]
+    sources = data.subsets or [None]
+    plan_items = getattr(getattr(dataset, "plan", None), "items", None)
+    for i, sub in enumerate(sources):
+        pictures = sum(1 for it in plan_items if it.subset == i) if plan_items is not None else len(dataset)
+        if sub is None:
+            lines.append(f"  {data.path}: {pictures} pictures")
+        else:
+            lines.append(f"  subset {i} ({sub.role}) {sub.path}: {pictures} pictures x {sub.repeats} repeats "
+                         f"= {pictures * sub.repeats} visits an epoch")
+    steps = -(-batches_per_epoch // tc.gradient_accumulation_steps)
+    lines.append(f"  an epoch: {len(train_items)} visits, {batches_per_epoch} batches of {tc.batch_size} per process, "
+                 f"about {steps} optimizer steps; train.max_steps={tc.max_steps}")
+    return "\n".join(lines)
 
 
 def _trackers(config: Config) -> list[str]:

@@ -61,7 +61,9 @@ class Method:
         parts, data = self.components, self.config.data
         plan, _ = prepare_cache(data, parts.vae, parts.prompt_encoder(data.clip_skip, data.max_windows),
                                 progress=progress)
-        return CachedDataset(cache_dir_for(data), plan, seed=self.config.train.seed), [it.latents[0] for it in plan.items]
+        dataset = CachedDataset(cache_dir_for(data), plan, seed=self.config.train.seed,
+                                repeats=[s.repeats for s in data.subsets])
+        return dataset, [it.latents[0] for it in plan.items]
 
     def generate(self, prompts: list[str], seed: int, **kwargs) -> list:
         """Validation samples (PIL images) of the model as it trains; `kwargs` are
