@@ -68,7 +68,7 @@ def type_name(annotation) -> str:
         inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
         return f"{origin.__name__}[{inner}]"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "section"
+        return "section (below)"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -85,12 +85,18 @@ def sections(model: type[BaseModel], prefix: str = "") -> list[tuple[str, type[B
     """(dotted name, model) for `model`'s nested sections, depth first."""
     found = []
     for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            dotted = f"{prefix}{name}"
+        annotation, suffix = field.annotation, ""
+        if typing.get_origin(annotation) is list and _is_model(typing.get_args(annotation)[0]):
+            annotation, suffix = typing.get_args(annotation)[0], "[]"  # a list of sections: each item one
+        if _is_model(annotation):
+            dotted = f"{prefix}{name}{suffix}"
             found.append((dotted, annotation))
             found += sections(annotation, dotted + ".")
     return found
+
+
+def _is_model(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def render() -> str:

@@ -10,5 +10,5 @@ def test_the_reference_names_every_key_with_its_default_and_meaning():
     page = render()
     for row in ("| `checkpoint_minutes` | float \\| null | `null` |", "## `train.optimizer.prodigy`",
                 "| `report_to` | list[\"tensorboard\" \\| \"wandb\"] | `[\"tensorboard\"]` | the trackers to report to |",
-                "| `path` | str | (required) | a folder of images"):
+                "| `repeats` | int | `1` | how many times an epoch visits each of its pictures |"):
         assert row in page, row
