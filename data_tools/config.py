@@ -42,12 +42,26 @@ class CacheConfig(Strict):
     shard_entries: int = Field(256, ge=1)  # entries per cache file
 
 
+class CaptionTags(Strict):
+    """Captions made of comma-separated tags ("1girl, red hair, smile, outdoors"), changed each time a
+    picture is seen. The text cache holds `variants` versions of each caption, drawn once from data.seed;
+    each epoch picks one per picture, so the text encoders stay off the device and resume stays exact
+    (the cost: `variants` times the text cache and its encoding time)."""
+    shuffle: bool = False  # shuffle the tags after the first keep_tokens
+    keep_tokens: int = Field(0, ge=0)  # the first N tags stay in place (a trigger word, a character name)
+    dropout: float = Field(0.0, ge=0, lt=1)  # each tag after the first keep_tokens is left out with this chance
+    prefix: str = ""  # put before the caption as it is (say "zorb, ")
+    suffix: str = ""  # put after it
+    variants: int = Field(8, ge=1)  # versions of each caption in the text cache
+
+
 class SubsetConfig(Strict):
     """One folder of pictures among several in a run (kohya's dataset subsets, OneTrainer's concepts)."""
     path: str  # a folder of images, captioned as data.path is
     repeats: int = Field(1, ge=1)  # how many times an epoch visits each of its pictures
     role: Literal["instance", "class"] = "instance"  # class: DreamBooth's prior-preservation pictures
     caption: Optional[str] = None  # the caption of its pictures that have none (say, the trigger word)
+    tags: Optional[CaptionTags] = None  # tag captions: shuffled, kept, dropped, prefixed (this subset's)
 
 
 class DataConfig(Strict):
@@ -55,6 +69,7 @@ class DataConfig(Strict):
     path: Optional[str] = None
     # several folders, each with its repeats and role, instead of data.path (and data.class_path)
     subsets: list[SubsetConfig] = []
+    tags: Optional[CaptionTags] = None  # tag captions of data.path's pictures (a subset has its own)
     resolution: int = Field(512, ge=16)  # bucket area is resolution**2; 512 for SD 1.x, 768 for SD 2.x
     bucket_step: int = Field(64, ge=8)  # bucket sides are multiples of this (64 for SD; Flux needs 16)
     no_upscale: bool = False  # small images get a smaller bucket instead of being enlarged

@@ -33,6 +33,7 @@ from .loss_masks import loss_mask_image, mask_tensor, to_latent_size
 from .masks import MaskConfig, make_mask, masked_image, variant_seed
 from .records import ImageRecord, Manifest
 from .store import ShardWriter, build_index, content_key, fingerprint, verify_shards, write_index
+from .tags import caption_variants
 from .transforms import CropPlan, apply, flipped, plan_crop, to_tensor
 
 log = logging.getLogger(__name__)
@@ -168,12 +169,15 @@ def plan_cache(manifest: Manifest, cfg: DataConfig, vae_fp: str, text_fp: str) -
             inpaint_keys.append(inpaint)
             if control:
                 control_keys.append(control)
-        captions.update(rec.captions)
-        texts = tuple(_text_key(c, text_fp, cfg) for c in rec.captions)
+        # tag captions: each caption's versions (data.tags, or its subset's); training picks one per epoch
+        tags = cfg.subsets[rec.subset].tags if cfg.subsets else cfg.tags
+        versions = tuple(v for c in rec.captions for v in caption_variants(c, tags, cfg.seed))
+        captions.update(versions)
+        texts = tuple(_text_key(c, text_fp, cfg) for c in versions)
         crops = tuple(v.to_dict() for v in views)
         items.append(
             CacheItem(r, rec.role, bucket, tuple(latent_keys), texts, tuple(inpaint_keys), tuple(control_keys), crops,
-                      tuple(rec.captions), rec.subset)
+                      versions, rec.subset)
         )
     settings = {"data": cfg.model_dump(mode="json"), "vae": vae_fp, "text_encoder": text_fp}
     return CachePlan(items, _text_key("", text_fp, cfg), settings), jobs, sorted(captions)
