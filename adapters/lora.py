@@ -68,8 +68,14 @@ class LoraSettings:
     init: str | bool = True
     use_dora: bool = False
     text_encoder: bool = False
+    type: str = "lora"  # "lora", or the LyCORIS adapters "loha" (Hadamard product) and "lokr" (Kronecker product)
 
     def __post_init__(self):
+        if self.type not in ("lora", "loha", "lokr"):
+            raise ValueError(f"LoraSettings.type must be lora, loha or lokr, got {self.type!r}")
+        if self.type != "lora" and (self.use_dora or not isinstance(self.init, bool)):
+            raise ValueError(f"{self.type}: use_dora and the LoRA init schemes ({self.init!r}) are LoRA's; "
+                             "leave lora.use_dora false and lora.init true")
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -158,7 +164,7 @@ def add_lora(model: nn.Module, settings: LoraSettings, *, text_encoder: bool = F
     `model` is a CLIP text encoder (CLIPTextModel, or SDXL's CLIPTextModelWithProjection, whose projection
     stays frozen) and the targets are its attention projections (TEXT_TARGETS), whatever
     `settings.targets` says."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 
     if has_lora(model):
         raise ValueError(f"{type(model).__name__} already has LoRA layers; one adapter per model")
@@ -166,18 +172,32 @@ def add_lora(model: nn.Module, settings: LoraSettings, *, text_encoder: bool = F
         raise ValueError(f"text encoder LoRA adapts CLIP text encoders, not {type(model).__name__}: Flux's T5 "
                          "stays frozen, as in kohya's Flux LoRAs (diffusers' loader reads no T5 weights)")
     names = target_names(model, settings, text_encoder=text_encoder)
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha if settings.alpha is not None else settings.rank,
-        lora_dropout=settings.dropout,
-        target_modules=names,  # whole names: peft's suffix matching then selects exactly these
-        init_lora_weights=settings.init,
-        use_dora=settings.use_dora,
-    )
+    alpha = settings.alpha if settings.alpha is not None else settings.rank
+    if settings.type == "lora":
+        config = LoraConfig(
+            r=settings.rank,
+            lora_alpha=alpha,
+            lora_dropout=settings.dropout,
+            target_modules=names,  # whole names: peft's suffix matching then selects exactly these
+            init_lora_weights=settings.init,
+            use_dora=settings.use_dora,
+        )
+    else:  # peft's LyCORIS adapters; `dropout` drops whole modules' updates, as LyCORIS's module_dropout
+        if not text_encoder and denoiser_targets(model) is FLUX_TARGETS:
+            raise ValueError("LoHa / LoKr on Flux's transformer are not supported: its kohya names fuse q, k and v, "
+                             "which a Hadamard or Kronecker product cannot be split over; use lora.type: lora")
+        kind = LoHaConfig if settings.type == "loha" else LoKrConfig
+        config = kind(r=settings.rank, alpha=alpha, target_modules=names, module_dropout=settings.dropout,
+                      init_weights=settings.init)
     inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
-        p.requires_grad_(".lora_" in name)  # lora_A, lora_B and DoRA's lora_magnitude_vector
+        # lora_A, lora_B and DoRA's lora_magnitude_vector; LoHa's hada_*; LoKr's lokr_*
+        p.requires_grad_(any(marker in name for marker in ADAPTER_MARKERS))
     return names
+
+
+#: the parameter names of an adapter's own weights
+ADAPTER_MARKERS = (".lora_", ".hada_", ".lokr_")
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -238,8 +258,16 @@ _WHAT = {"text_encoder": "text encoder", "text_encoder_2": "second text encoder 
 def merge_lora(components, lora_path: str | os.PathLike, scale: float = 1.0) -> None:
     """Fold a LoRA file (either format; SD 1.x/2.x, SDXL or Flux.1) into the weights of
     `components.denoiser` and, where the file has them, `components.text_encoder` and
-    `components.text_encoder_2`: W += scale * (alpha / rank) * B @ A. A file for another family than
+    `components.text_encoder_2`: W += scale * (alpha / rank) * B @ A; a LoHa / LoKr file as ComfyUI
+    merges it (adapters/lycoris.py). A file for another family than
     the denoiser's is refused. Nothing of peft stays."""
+    from ldmcore.weights import read_safetensors
+
+    from .lycoris import is_lycoris_file, merge_lycoris
+
+    if str(lora_path).endswith(".safetensors") and is_lycoris_file(read_safetensors(lora_path)[0]):
+        merge_lycoris(components, lora_path, scale=scale)  # LoHa / LoKr
+        return
     lora = load_lora_file(lora_path, denoiser_config=components.denoiser.config)
     what_is = {**_WHAT, "denoiser": DENOISER[lora.family]}
     plan = []

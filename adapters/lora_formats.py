@@ -142,6 +142,12 @@ def load_lora_file(path: str | os.PathLike, denoiser_config: Any = None) -> Lora
     state = read_state_dict(path)
     raw = read_lora_metadata(path)
     keys = list(state)
+    from .lycoris import algo_of
+
+    algo = algo_of(keys)
+    if algo is not None:
+        raise CheckpointError(f"{path}: a {'LoHa' if algo == 'loha' else 'LoKr'} (LyCORIS) file, not a LoRA; this "
+                              "reads LoRA files only: merge and inspect take LoHa / LoKr files")
     flux = _read_flux(state, raw, source)
     if flux is not None:  # kohya's spelling, or another that ComfyUI reads
         fmt, (groups, alphas) = "kohya", flux

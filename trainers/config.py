@@ -126,6 +126,9 @@ class LossConfig(Strict):
 
 
 class LoraConfig(Strict):
+    # lora; or the LyCORIS adapters loha (Hadamard product of two low-rank pairs) and lokr (Kronecker product),
+    # exported as lycoris_kohya.safetensors for ComfyUI and A1111 (diffusers reads neither); not on Flux
+    type: Literal["lora", "loha", "lokr"] = "lora"
     rank: int = Field(16, ge=1)  # the LoRA rank (dimension)
     alpha: Optional[float] = Field(None, gt=0)  # None: alpha = rank (scale 1)
     dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the LoRA branch
@@ -136,6 +139,13 @@ class LoraConfig(Strict):
     use_dora: bool = False  # DoRA: a learned magnitude per output beside the LoRA direction
     text_encoder: bool = False  # also train the text encoder's LoRA (then captions are encoded live)
     trigger_words: list[str] = []  # written into the exported files' metadata
+
+    @model_validator(mode="after")
+    def _lycoris_is_not_dora(self):
+        if self.type != "lora" and (self.use_dora or not isinstance(self.init, bool)):
+            raise ValueError(f"lora.type {self.type}: lora.use_dora and the LoRA init schemes are LoRA's; "
+                             "leave lora.use_dora false and lora.init true")
+        return self
 
 
 class ValidationConfig(Strict):

@@ -7,6 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from adapters.lora import DIFFUSERS_FILE, KOHYA_FILE, LoraSettings, add_lora, lora_state_dict, save_diffusers, save_kohya
+from adapters.lycoris import LYCORIS_FILE, save_lycoris
 
 from .batch import select
 from .method import Method
@@ -21,7 +22,7 @@ class LoraMethod(Method):
         targets = c.targets if isinstance(c.targets, str) else tuple(c.targets)
         self.settings = LoraSettings(
             rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=targets, init=c.init, use_dora=c.use_dora,
-            text_encoder=c.text_encoder,
+            text_encoder=c.text_encoder, type=c.type,
         )
         self.cached_text = not c.text_encoder
 
@@ -61,6 +62,9 @@ class LoraMethod(Method):
         # the denoiser's config names the family and, for SDXL, the original module names kohya files use
         kwargs = dict(text_2_sd=texts.get("text_encoder_2"), denoiser_config=parts.denoiser.config)
         meta = {**metadata, "trigger_words": ",".join(self.config.lora.trigger_words)}
+        if self.settings.type != "lora":  # LoHa / LoKr: the LyCORIS layout, which ComfyUI and A1111 load
+            return [save_lycoris(folder / LYCORIS_FILE, denoiser_sd, texts.get("text_encoder"), self.settings, meta,
+                                 **kwargs)]
         save_diffusers(folder / DIFFUSERS_FILE, denoiser_sd, texts.get("text_encoder"), meta, settings=self.settings,
                        **kwargs)
         if self.settings.use_dora:  # tools disagree on how kohya files store DoRA: diffusers layout only
