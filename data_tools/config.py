@@ -62,6 +62,7 @@ class SubsetConfig(Strict):
     role: Literal["instance", "class"] = "instance"  # class: DreamBooth's prior-preservation pictures
     caption: Optional[str] = None  # the caption of its pictures that have none (say, the trigger word)
     tags: Optional[CaptionTags] = None  # tag captions: shuffled, kept, dropped, prefixed (this subset's)
+    resolution: Optional[int] = Field(None, ge=16)  # its own bucket area (resolution**2); default data.resolution
 
 
 class DataConfig(Strict):

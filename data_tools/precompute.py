@@ -133,7 +133,9 @@ def crop_plan(rec: ImageRecord, cfg: DataConfig, bucket_cfg: BucketConfig) -> Cr
 
 def plan_cache(manifest: Manifest, cfg: DataConfig, vae_fp: str, text_fp: str) -> tuple[CachePlan, list[_ImageJob], list[str]]:
     """Every entry the data needs, by key: the plan the trainer reads, the image jobs, the captions."""
-    bucket_cfg = bucket_config(cfg)
+    # each subset's buckets: its own resolution where it has one (data.subsets[].resolution)
+    bucket_cfgs = [bucket_config(cfg.model_copy(update={"resolution": sub.resolution}) if sub.resolution else cfg)
+                   for sub in cfg.subsets] or [bucket_config(cfg)]
     cc = cfg.cache
     mask_cfg = MaskConfig(weights=cc.mask_weights)
     source = _control_source(cfg)
@@ -150,6 +152,7 @@ def plan_cache(manifest: Manifest, cfg: DataConfig, vae_fp: str, text_fp: str) -
         mask_path = str(masks[Path(rec.source).stem]) if cfg.loss_mask == "folder" else None
         # a latent with a loss mask is another entry (the mask file's bytes count); without one, keys stay as they were
         with_mask = () if cfg.loss_mask is None else (cfg.loss_mask, _file_sha256(mask_path) if mask_path else None)
+        bucket_cfg = bucket_cfgs[rec.subset]
         base = crop_plan(rec, cfg, bucket_cfg)
         bucket = (base.bucket_w, base.bucket_h)
         views = [base] + ([flipped(base)] if cc.flip else [])

@@ -88,3 +88,17 @@ def test_subset_mistakes_are_named_before_any_step(world, tmp_path):
     proc = run(world, tmp_path / "gone", f"data.subsets=[{{path: {tmp_path / 'nowhere'}}}]", "train.max_steps=1")
     assert proc.returncode == 1 and str(tmp_path / "nowhere") in proc.stderr and "training:" not in proc.stderr, \
         proc.stderr[-2000:]
+
+
+def test_a_subset_with_its_own_resolution_gets_its_own_buckets(world, tmp_path):
+    from data_tools.config import DataConfig
+    from data_tools.precompute import prepare_cache
+    from ldmcore.checkpoints import load_components
+
+    parts = load_components(world / "model")
+    cfg = DataConfig(subsets=[{"path": str(world / "data")}, {"path": str(world / "style"), "resolution": 32,
+                                                              "caption": "a green square"}],
+                     resolution=64, bucket_step=16, min_side=32, cache={"dir": str(tmp_path / "cache"), "num_workers": 0})
+    plan, _ = prepare_cache(cfg, parts.vae, parts.prompt_encoder(), progress=False)
+    buckets = {item.subset: item.bucket for item in plan.items}
+    assert buckets == {0: (64, 64), 1: (32, 32)}  # the square pictures at 64 and at 32 px
