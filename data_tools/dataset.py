@@ -28,6 +28,7 @@ class CachedDataset(Dataset):
         self.seed = seed
         # how many times an epoch visits each item: its subset's `repeats` (data.subsets), else once
         self.repeats = [repeats[it.subset] if repeats else 1 for it in self.plan.items]
+        self.subsets = [it.subset for it in self.plan.items]  # which of data.subsets each item came from
         self.epoch = 0
         self.stores = {s: ShardReader(self.cache_dir / s) for s in STORES}
         missing = [k for item in self.plan.items for k in item.latents if k not in self.stores["latents"]]

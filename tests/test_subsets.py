@@ -102,3 +102,26 @@ def test_a_subset_with_its_own_resolution_gets_its_own_buckets(world, tmp_path):
     plan, _ = prepare_cache(cfg, parts.vae, parts.prompt_encoder(), progress=False)
     buckets = {item.subset: item.bucket for item in plan.items}
     assert buckets == {0: (64, 64), 1: (32, 32)}  # the square pictures at 64 and at 32 px
+
+
+def test_dreambooth_takes_its_instance_and_class_pictures_as_subsets(world, tmp_path):
+    """The class subset is the folder DreamBooth tops up with the base's pictures of its caption; the
+    instance subset's caption names the subject."""
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    common = [str(ROOT / "configs" / "tiny" / "dreambooth.yaml"), f"model.path={world / 'model'}", "data.path=null",
+              "data.instance_prompt=null", "data.class_path=null", "data.class_prompt=null", "train.max_steps=2",
+              "dreambooth.num_class_images=2", "dreambooth.class_steps=2"]
+    sources = (f"data.subsets=[{{path: {world / 'data'}, caption: a sks circle, repeats: 2}}, "
+               f"{{path: {classes}, role: class, caption: a circle}}]")
+    out = tmp_path / "db"
+    proc = subprocess.run([sys.executable, "-m", "trainers", *common, sources, f"data.cache.dir={out}_cache",
+                           f"output_dir={out}"], cwd=str(ROOT), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(classes.glob("*.png"))) == 2  # topped up by sampling the class caption
+    assert f"subset 0 (instance) {world / 'data'}: 4 pictures x 2 repeats = 8 visits an epoch" in proc.stderr
+    assert f"subset 1 (class) {classes}: 2 pictures, drawn beside the instance pictures" in proc.stderr
+    nameless = f"data.subsets=[{{path: {world / 'data'}}}]"
+    proc = subprocess.run([sys.executable, "-m", "trainers", *common, nameless, "dreambooth.prior_preservation=false",
+                           f"output_dir={tmp_path / 'bad'}"], cwd=str(ROOT), capture_output=True, text=True)
+    assert proc.returncode == 2 and "data.subsets[0].caption" in proc.stderr, proc.stderr[-2000:]

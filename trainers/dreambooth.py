@@ -58,12 +58,12 @@ class DreamBoothMethod(Method):
         roles = [item.role for item in cache.plan.items]
         instances = [i for i, role in enumerate(roles) if role != "class"]
         if not instances:
-            raise ConfigError(f"data.path={self.config.data.path}: no usable instance images")
+            raise ConfigError(f"data.path={self.config.data.path or 'the instance subsets'}: no usable instance images")
         for i, role in enumerate(roles):
             if role == "class":
                 self.class_items.setdefault(tuple(cache.plan.items[i].bucket), []).append(i)
         if self.prior and not self.class_items:
-            raise ConfigError(f"data.class_path={self.config.data.class_path}: no usable class images")
+            raise ConfigError(f"{class_source(self.config.data)[0]}: no usable class images")
         self.cache = cache
         return InstanceImages(cache, instances), [keys[i] for i in instances]
 
@@ -73,10 +73,11 @@ class DreamBoothMethod(Method):
         from data_tools.precompute import process_state
 
         data, db, state = self.config.data, self.config.dreambooth, process_state()
+        class_path, class_prompt = class_source(data)
         if state.is_main_process:
             self.components.denoiser.to(device)  # the VAE and text encoder are there already
             with torch.no_grad():
-                ensure_class_images(self.components, data.class_prompt, data.class_path, db.num_class_images,
+                ensure_class_images(self.components, class_prompt, class_path, db.num_class_images,
                                     seed=self.config.train.seed, batch_size=db.class_batch_size,
                                     steps=db.class_steps, guidance_scale=db.class_guidance_scale,
                                     size=_class_image_side(self.components, data.resolution), progress=progress)
@@ -125,11 +126,36 @@ class FullDreamBooth(DreamBoothMethod, FullMethod):
     """DreamBooth training the whole U-Net."""
 
 
+def class_source(data) -> tuple[str | None, str | None]:
+    """(class folder, class prompt): data.class_path and data.class_prompt, or with data.subsets the class
+    subset's path and caption."""
+    if not data.subsets:
+        return data.class_path, data.class_prompt
+    classes = [s for s in data.subsets if s.role == "class"]
+    if len(classes) > 1:
+        raise ConfigError("method dreambooth takes one subset with role: class (the folder it tops up); "
+                          f"data.subsets has {len(classes)}")
+    return (classes[0].path, classes[0].caption) if classes else (None, None)
+
+
 def check_config(config) -> None:
     data, db = config.data, config.dreambooth
-    if data.subsets:
-        raise ConfigError("method dreambooth reads data.path and data.class_path (it tops the class folder up by "
-                          "sampling); data.subsets serves the other methods: use data.path")
+    if data.subsets:  # each instance subset names its subject in its caption; one class subset, or none
+        nameless = [i for i, s in enumerate(data.subsets) if s.role == "instance" and not s.caption]
+        if nameless:
+            raise ConfigError(f"method dreambooth: give data.subsets[{nameless[0]}].caption, the caption with the "
+                              "trigger word (e.g. 'a photo of sks dog') for its pictures that have none")
+        class_path, class_prompt = class_source(data)
+        if db.prior_preservation and not (class_path and class_prompt):
+            raise ConfigError("dreambooth.prior_preservation: add a subset with role: class and its caption (e.g. "
+                              "'a photo of a dog'; missing class images are generated into its folder), or "
+                              "dreambooth.prior_preservation=false")
+        if not db.prior_preservation and class_path:
+            raise ConfigError("dreambooth.prior_preservation is false but data.subsets has a class subset: remove "
+                              "it or turn prior preservation on")
+        if db.train == "full" and config.lora.text_encoder:
+            raise ConfigError("lora.text_encoder trains the text encoder's LoRA, which needs dreambooth.train=lora")
+        return
     if not data.instance_prompt:
         raise ConfigError("method dreambooth: set data.instance_prompt, the caption with the trigger word "
                           "(e.g. 'a photo of sks dog')")
@@ -174,6 +200,14 @@ class InstanceImages(Dataset):
     def buckets(self) -> list[tuple[int, int]]:
         every = self.cache.buckets
         return [every[i] for i in self.indices]
+
+    @property
+    def repeats(self) -> list[int]:
+        return [self.cache.repeats[i] for i in self.indices]
+
+    @property
+    def subsets(self) -> list[int]:
+        return [self.cache.subsets[i] for i in self.indices]
 
     def set_epoch(self, epoch: int) -> None:
         self.cache.set_epoch(epoch)

@@ -461,17 +461,21 @@ def epoch_items(repeats: list[int], heldout: list[int]) -> list[int]:
 
 def _data_plan(config: Config, dataset, train_items: list[int], batches_per_epoch: int) -> str:
     """What an epoch is made of, said at the start: pictures and repeats per subset, steps per epoch."""
+    import collections
+
     tc, data = config.train, config.data
     lines = ["data:"]
-    sources = data.subsets or [None]
-    plan_items = getattr(getattr(dataset, "plan", None), "items", None)
-    for i, sub in enumerate(sources):
-        pictures = sum(1 for it in plan_items if it.subset == i) if plan_items is not None else len(dataset)
+    every = getattr(getattr(dataset, "cache", dataset), "subsets", None)  # (DreamBooth's instances sit on a cache)
+    pictures = collections.Counter(every) if every is not None else collections.Counter({0: len(dataset)})
+    visits = collections.Counter(dataset.subsets[i] for i in train_items) if hasattr(dataset, "subsets") else None
+    for i, sub in enumerate(data.subsets or [None]):
         if sub is None:
-            lines.append(f"  {data.path}: {pictures} pictures")
+            lines.append(f"  {data.path}: {pictures[0]} pictures")
+        elif visits is not None and not visits[i] and sub.role == "class":
+            lines.append(f"  subset {i} (class) {sub.path}: {pictures[i]} pictures, drawn beside the instance pictures")
         else:
-            lines.append(f"  subset {i} ({sub.role}) {sub.path}: {pictures} pictures x {sub.repeats} repeats "
-                         f"= {pictures * sub.repeats} visits an epoch")
+            lines.append(f"  subset {i} ({sub.role}) {sub.path}: {pictures[i]} pictures x {sub.repeats} repeats "
+                         f"= {visits[i] if visits is not None else pictures[i] * sub.repeats} visits an epoch")
     steps = -(-batches_per_epoch // tc.gradient_accumulation_steps)
     lines.append(f"  an epoch: {len(train_items)} visits, {batches_per_epoch} batches of {tc.batch_size} per process, "
                  f"about {steps} optimizer steps; train.max_steps={tc.max_steps}")
