@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from data_tools.buckets import BucketBatchSampler
 from data_tools.diskspace import NotEnoughSpace, ensure_free_space
 from data_tools.locks import FolderBusy, FolderLock
+from data_tools.loss_masks import masked_mean
 from data_tools.schema import dump_config
 from data_tools.store import fingerprint
 from ldmcore.checkpoints import Components
@@ -681,7 +682,8 @@ def _validation_loss(models, method, dataset, heldout, parts, config, empty_text
             text = method.encode_text(batch, torch.zeros(1, dtype=torch.bool, device=device), empty_text, models)
             with autocast():
                 pred = denoise(models, method, parts, batch, schedule.add_noise(latents, noise, tt), tt, text)
-            losses.append(F.mse_loss(pred.float(), schedule.target(latents, noise, tt).float()).item())
+            error = F.mse_loss(pred.float(), schedule.target(latents, noise, tt).float(), reduction="none")
+            losses.append(masked_mean(error, batch.get("loss_mask")).item())  # (over the loss mask, as training)
     return float(np.mean(losses))
 
 
