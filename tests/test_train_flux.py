@@ -126,8 +126,7 @@ def test_a_bf16_nf4_base_keeps_its_activations_in_bf16():
         if not is_quantized(p):
             p.data = p.data.to(torch.bfloat16)  # as the loop casts a frozen base
     seen = []
-    base.transformer_blocks[0].register_forward_pre_hook(lambda m, args, kw: seen.append(kw["hidden_states"].dtype),
-                                                         with_kwargs=True)
+    base.transformer_blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))  # (img, txt, ...)
     x, t, hidden, pooled, _ = transformer_inputs(base.config)
     text = {"hidden": hidden, "pooled": pooled}
     with torch.autocast("cpu", dtype=torch.bfloat16):
