@@ -90,12 +90,14 @@ def generate_pictures(args: argparse.Namespace) -> list[Path]:
             raise ValueError(f"--lora {path}: no such file")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
-    parts = ModelConfig(path=args.model, tokenizer=args.tokenizer, config=args.config).load()
+    # loaded in the dtype it samples in (Flux.1 in float32 would need 48 GB); merging computes each layer's
+    # sum in float32 and stores it back in that dtype
+    parts = ModelConfig(path=args.model, tokenizer=args.tokenizer, config=args.config).load(dtype=dtype)
     model_hash = fingerprint(parts.denoiser)[:10]  # of the base, before any LoRA
     for path, weight in loras:
         if weight != 0:
-            merge_lora(parts, path, scale=weight)  # in float32, before the cast
-    parts.to(device=device, dtype=dtype)
+            merge_lora(parts, path, scale=weight)
+    parts.to(device=device)
 
     family = parts.family
     guidance = family.default_guidance_scale if args.guidance is None else args.guidance
