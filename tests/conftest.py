@@ -109,6 +109,18 @@ def build_training_world(root: Path, model: str = "model", preset: str = "tiny")
     return root
 
 
+def base_and_demo(root: Path, world) -> tuple[Path, Path, dict[str, int]]:
+    """A world's base built under `root` by the project's own trainers, then its demo LoRA run through
+    `python -m worlds.demo` (logging to root/demo.log): (root, the base folder, the demo's exit code)."""
+    from worlds.build import build_base
+
+    runs, data = root / "runs", root / "data"
+    base = build_base(world, runs, data)
+    common = ["--world", world.name, "--runs", str(runs), "--data", str(data)]
+    codes = run_all({"demo": [sys.executable, "-m", "worlds.demo", *common, "--seeds", "4"]}, root, at_once=1)
+    return root, base, codes
+
+
 def run_all(jobs: dict[str, list[str]], logs: Path, at_once: int = 2, limit_s: float = 900) -> dict[str, int]:
     """Run the commands `at_once` at a time, in the order given (longest first), each logging to
     <logs>/<name>.log; their exit codes by name. A command still running after `limit_s` seconds

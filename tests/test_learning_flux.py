@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
-from conftest import run_all
+from conftest import base_and_demo
 
 from worlds import demo
-from worlds.build import build_base
 from worlds.world import TEST_WORLD_FLUX
 
 WORLD = TEST_WORLD_FLUX.name
@@ -41,12 +39,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("LDM_TUNE_FLUX
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("learning_flux")
-    runs, data = root / "runs", root / "data"
-    base = build_base(TEST_WORLD_FLUX, runs, data)
-    common = ["--world", WORLD, "--runs", str(runs), "--data", str(data)]
-    codes = run_all({"demo": [sys.executable, "-m", "worlds.demo", *common, "--seeds", "4"]}, root, at_once=1)
-    return root, base, codes
+    return base_and_demo(tmp_path_factory.mktemp("learning_flux"), TEST_WORLD_FLUX)
 
 
 def demo_summary(world) -> dict:

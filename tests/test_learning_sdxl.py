@@ -11,14 +11,12 @@ an untrained LoRA or a broken family scores.
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
-from conftest import run_all
+from conftest import base_and_demo
 
 from worlds import demo
-from worlds.build import build_base
 from worlds.world import TEST_WORLD_SDXL
 
 WORLD = TEST_WORLD_SDXL.name
@@ -28,12 +26,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("learning_sdxl")
-    runs, data = root / "runs", root / "data"
-    base = build_base(TEST_WORLD_SDXL, runs, data)
-    common = ["--world", WORLD, "--runs", str(runs), "--data", str(data)]
-    codes = run_all({"demo": [sys.executable, "-m", "worlds.demo", *common, "--seeds", "4"]}, root, at_once=1)
-    return root, base, codes
+    return base_and_demo(tmp_path_factory.mktemp("learning_sdxl"), TEST_WORLD_SDXL)
 
 
 def test_the_sdxl_base_draws_the_asked_shape_and_colour(world):
