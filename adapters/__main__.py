@@ -125,10 +125,9 @@ def add_inspect(subparsers: argparse._SubParsersAction) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     from adapters.lora import describe
     from adapters.lycoris import describe_lycoris, is_lycoris_file
-    from ldmcore.weights import read_safetensors
 
     path = _lora_file(args.file)
-    if str(path).endswith(".safetensors") and is_lycoris_file(read_safetensors(path)[0]):
+    if is_lycoris_file(path):
         d = describe_lycoris(path)
         print(json.dumps(d, indent=2) if args.json else "\n".join(f"{k + ':':<14} {v}" for k, v in d.items()))
         return 0

@@ -261,11 +261,9 @@ def merge_lora(components, lora_path: str | os.PathLike, scale: float = 1.0) -> 
     `components.text_encoder_2`: W += scale * (alpha / rank) * B @ A; a LoHa / LoKr file as ComfyUI
     merges it (adapters/lycoris.py). A file for another family than
     the denoiser's is refused. Nothing of peft stays."""
-    from ldmcore.weights import read_safetensors
-
     from .lycoris import is_lycoris_file, merge_lycoris
 
-    if str(lora_path).endswith(".safetensors") and is_lycoris_file(read_safetensors(lora_path)[0]):
+    if is_lycoris_file(lora_path):
         merge_lycoris(components, lora_path, scale=scale)  # LoHa / LoKr
         return
     lora = load_lora_file(lora_path, denoiser_config=components.denoiser.config)

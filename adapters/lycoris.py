@@ -47,8 +47,17 @@ def algo_of(params: Mapping[str, Any]) -> str | None:
     return None
 
 
-def is_lycoris_file(keys) -> bool:
-    return algo_of(list(keys)) is not None
+def is_lycoris_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a LoHa / LoKr file, from its tensor names alone (nothing is loaded)."""
+    if not str(path).endswith(".safetensors"):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return algo_of(list(f.keys())) is not None
+    except Exception:  # not a readable safetensors file: the LoRA reader says why
+        return False
 
 
 def by_module(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
