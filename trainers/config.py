@@ -82,7 +82,7 @@ class TrainConfig(Strict):
     # the frozen denoiser's linear layers in 4 (NF4) or 8 bits, QLoRA style (LoRA and ControlNet; bitsandbytes)
     base_quantization: Optional[Literal["nf4", "int8"]] = None
     max_grad_norm: Optional[float] = Field(1.0, gt=0)  # clip the gradient norm to this; null: no clipping
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     # after warmup: constant, or decaying to 0 at max_steps
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)  # linear warmup from 0
