@@ -2,7 +2,8 @@
 
 - `export SOURCE --out DIR`: a LoRA file (or a training checkpoint folder holding
   pytorch_lora_weights.safetensors) -> DIR/pytorch_lora_weights.safetensors (diffusers, peft) and
-  DIR/lora_kohya.safetensors (A1111, ComfyUI), metadata kept.
+  DIR/lora_kohya.safetensors (A1111, ComfyUI), metadata kept; a LoHa / LoKr file ->
+  DIR/lycoris_kohya.safetensors in our names (LyCORIS' for Flux).
 - `merge BASE LORA --out PATH [--scale S]`: a model with the LoRA folded in; PATH ending in
   .safetensors is written as an original single file, anything else as a diffusers folder.
 - `inspect FILE`: family, format, rank, alpha, targeted modules, text encoders, metadata.
@@ -54,12 +55,16 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from adapters.lora import DIFFUSERS_FILE, KOHYA_FILE, LoraSettings, load_lora_file, save_diffusers, save_kohya
+    from adapters.lycoris import is_lycoris_file
 
-    lora = load_lora_file(_lora_file(args.source))
-    settings = LoraSettings.from_dict(lora.settings)
+    source = _lora_file(args.source)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder")
+    if is_lycoris_file(source):
+        return _export_lycoris(source, out)
+    lora = load_lora_file(source)
+    settings = LoraSettings.from_dict(lora.settings)
     # SDXL's second text encoder, and the denoiser layout the file was read with: SDXL's kohya names need it,
     # and it names the family (the diffusers file's component, Flux's fused kohya names)
     extra = {"text_2_sd": lora.text_encoder_2, "denoiser_config": lora.denoiser_layout}
@@ -70,6 +75,23 @@ def run_export(args: argparse.Namespace) -> int:
         return 0
     save_kohya(out / KOHYA_FILE, lora.denoiser, lora.text_encoder, settings, lora.user, **extra)
     print(f"wrote {out / KOHYA_FILE}")
+    return 0
+
+
+def _export_lycoris(source: Path, out: Path) -> int:
+    """A LoHa / LoKr file in any spelling we read (OneTrainer's, LyCORIS', kohya's) -> ours, through peft's
+    layout: what a run of ours would have written with the file's settings."""
+    from adapters.lycoris import LYCORIS_FILE, lycoris_settings, peft_state, read_lycoris, save_lycoris
+    from adapters.lora_state import _stored
+
+    lyco = read_lycoris(source)
+    settings = lycoris_settings(lyco)
+    state = peft_state(lyco, settings)
+    user = _stored(lyco.metadata).get("user") or {  # another tool's training notes; its network keys are remade
+        k: v for k, v in lyco.metadata.items() if k.startswith("ss_") and not k.startswith("ss_network_")}
+    save_lycoris(out / LYCORIS_FILE, state.get("denoiser", {}), state.get("text_encoder"), settings, user,
+                 text_2_sd=state.get("text_encoder_2"), denoiser_config=lyco.layout)
+    print(f"wrote {out / LYCORIS_FILE}")
     return 0
 
 

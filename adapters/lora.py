@@ -183,9 +183,6 @@ def add_lora(model: nn.Module, settings: LoraSettings, *, text_encoder: bool = F
             use_dora=settings.use_dora,
         )
     else:  # peft's LyCORIS adapters; `dropout` drops whole modules' updates, as LyCORIS's module_dropout
-        if not text_encoder and denoiser_targets(model) is FLUX_TARGETS:
-            raise ValueError("LoHa / LoKr on Flux's transformer are not supported: its kohya names fuse q, k and v, "
-                             "which a Hadamard or Kronecker product cannot be split over; use lora.type: lora")
         kind = LoHaConfig if settings.type == "loha" else LoKrConfig
         config = kind(r=settings.rank, alpha=alpha, target_modules=names, module_dropout=settings.dropout,
                       init_weights=settings.init)

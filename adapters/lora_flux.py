@@ -25,6 +25,7 @@ from typing import Mapping
 
 import torch
 
+from ldmcore.single_file_flux import swap_halves
 from ldmcore.weights import CheckpointError, preview_keys
 
 Parts = dict[str, torch.Tensor]  # {"A": (rank, in), "B": (out, rank)}
@@ -126,7 +127,7 @@ def to_bfl(mods: Mapping[str, Parts], source: str) -> dict[str, tuple[Parts, int
         module = _by_bfl()[_generic(bfl)[0]]
         if not module.fused:
             a, b = present[0]["A"], present[0]["B"]
-            out[bfl] = ({"A": a, "B": _swap_halves(b) if module.swap else b}, 1)
+            out[bfl] = ({"A": a, "B": swap_halves(b) if module.swap else b}, 1)
         else:
             out[bfl] = (_stack(module, present, bfl, source), len(module.parts))
     return out
@@ -156,11 +157,6 @@ def _stack(module: FluxModule, present: dict[int, Parts], bfl: str, source: str)
     return {"A": a, "B": b}
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
 # -- BFL -> diffusers --------------------------------------------------------------------------------
 
 
@@ -176,7 +172,7 @@ def from_bfl(mods: Mapping[str, Parts], alphas: Mapping[str, float], source: str
             raise CheckpointError(f"{source}: {bfl} is not a module of a Flux transformer (Black Forest Labs' names)")
         if not module.fused:
             name = _concrete(module.parts[0], index)
-            out[name] = {"A": parts["A"], "B": _swap_halves(parts["B"]) if module.swap else parts["B"]}
+            out[name] = {"A": parts["A"], "B": swap_halves(parts["B"]) if module.swap else parts["B"]}
             out_alphas[name] = alphas[bfl]
             continue
         for generic_part, split, alpha in _split(module, parts, alphas[bfl], bfl, source):
@@ -220,7 +216,15 @@ def parse_key(key: str) -> tuple[str, str, str] | None:
     suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
     if suffix is None:
         return None
-    name = key[: -len(suffix)]
+    found = module_name(key[: -len(suffix)])
+    return None if found is None else (*found, SUFFIXES[suffix])
+
+
+def module_name(name: str) -> tuple[str, str] | None:
+    """A Flux transformer module as files name it (`lora_unet_double_blocks_0_img_attn_qkv`,
+    `diffusion_model.double_blocks.0.img_attn.qkv`, `lycoris_transformer_blocks_0_attn_to_q`,
+    `lora_transformer_...`, `transformer_blocks.0.attn.to_q`) -> (naming "bfl" or "diffusers", the
+    module with dots); None when it is not one."""
     if name.startswith(KOHYA_PREFIX) and "." not in name:
         naming, module = "bfl", _dotted(name[len(KOHYA_PREFIX) :])
     elif name.startswith(BFL_PREFIX):
@@ -235,7 +239,15 @@ def parse_key(key: str) -> tuple[str, str, str] | None:
     if module is None:
         return None
     known = _by_bfl() if naming == "bfl" else _by_part()
-    return (naming, module, SUFFIXES[suffix]) if _generic(module)[0] in known else None
+    return (naming, module) if _generic(module)[0] in known else None
+
+
+def bfl_module(bfl: str) -> FluxModule:
+    """The table entry of a concrete BFL module name (`double_blocks.3.img_attn.qkv`), its parts made
+    concrete too."""
+    generic, index = _generic(bfl)
+    m = _by_bfl()[generic]
+    return dataclasses.replace(m, bfl=bfl, parts=tuple(_concrete(p, index) for p in m.parts))
 
 
 def _dotted(underscored: str) -> str | None:

@@ -103,7 +103,8 @@ def module_table(cfg: FluxTransformerConfig) -> list[ModuleEntry]:
     return entries
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """The final modulation's rows the other way round (BFL: shift, scale; diffusers: scale, shift)."""
     first, second = t.chunk(2, dim=0)
     return torch.cat([second, first], dim=0)
 
@@ -152,7 +153,7 @@ def original_to_diffusers(
             key = f"{e.original}.{o}"
             tensor = own[key]
             if e.swap:
-                tensor = _swap_halves(tensor)
+                tensor = swap_halves(tensor)
             if not e.sizes:
                 out[f"{e.diffusers[0]}.{d}"] = tensor
                 continue
@@ -186,7 +187,7 @@ def diffusers_to_original(
         for o, d in e.params:
             parts = [state[f"{name}.{d}"] for name in e.diffusers]
             tensor = torch.cat(parts, dim=0) if e.sizes else parts[0]
-            out[f"{prefix}{e.original}.{o}"] = _swap_halves(tensor) if e.swap else tensor
+            out[f"{prefix}{e.original}.{o}"] = swap_halves(tensor) if e.swap else tensor
     return out
 
 

@@ -127,7 +127,7 @@ class LossConfig(Strict):
 
 class LoraConfig(Strict):
     # lora; or the LyCORIS adapters loha (Hadamard product of two low-rank pairs) and lokr (Kronecker product),
-    # exported as lycoris_kohya.safetensors for ComfyUI and A1111 (diffusers reads neither); not on Flux
+    # exported as lycoris_kohya.safetensors for ComfyUI and A1111 / Forge (diffusers reads neither)
     type: Literal["lora", "loha", "lokr"] = "lora"
     rank: int = Field(16, ge=1)  # the LoRA rank (dimension)
     alpha: Optional[float] = Field(None, gt=0)  # None: alpha = rank (scale 1)
