@@ -289,7 +289,8 @@ def _fill(manifest, vae, prompt_encoder, cfg: DataConfig, cache_dir: Path, rank:
     my_texts = [c for c in captions[rank::world_size] if _text_key(c, text_fp, cfg) not in have["text"]]
     if rank == 0 and todo:
         texts = [c for c in captions if _text_key(c, text_fp, cfg) not in have["text"]]
-        ensure_free_space(cache_dir, cache_bytes(todo, texts, vae, prompt_encoder), "the cache")
+        ensure_free_space(cache_dir, cache_bytes(todo, texts, vae, prompt_encoder, cfg.loss_mask is not None),
+                          "the cache")
 
     start = time.perf_counter()
     writers = {s: ShardWriter(cache_dir / s, writer=f"r{rank}", shard_entries=cfg.cache.shard_entries) for s in STORES}
@@ -319,10 +320,12 @@ def _fill(manifest, vae, prompt_encoder, cfg: DataConfig, cache_dir: Path, rank:
     return plan, report
 
 
-def cache_bytes(jobs: Sequence[_ImageJob], captions: Sequence[str], vae, prompt_encoder) -> int:
-    """What encoding `jobs` and `captions` adds to the cache: fp16 latent mean and std per view, the
-    inpainting variants' mask and masked latent, control maps in bytes, and each caption's encoding
-    as one encoded caption measures it (Flux's padded T5 states dominate: 4 MiB a caption)."""
+def cache_bytes(jobs: Sequence[_ImageJob], captions: Sequence[str], vae, prompt_encoder,
+                loss_masks: bool = False) -> int:
+    """What encoding `jobs` and `captions` adds to the cache: fp16 latent mean and std per view (and
+    its loss mask, one fp16 value per latent pixel, with `loss_masks`), the inpainting variants' mask
+    and masked latent, control maps in bytes, and each caption's encoding as one encoded caption
+    measures it (Flux's padded T5 states dominate: 4 MiB a caption)."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     channels = vae.config.latent_channels
     total = 0
@@ -330,6 +333,7 @@ def cache_bytes(jobs: Sequence[_ImageJob], captions: Sequence[str], vae, prompt_
         h, w = job.plan.bucket_h, job.plan.bucket_w
         latent = channels * (h // factor) * (w // factor) * 2
         total += 2 * latent + len(job.inpaint) * (latent + latent // channels)
+        total += latent // channels if loss_masks else 0
         total += 3 * h * w if job.control is not None else 0
     if captions:
         encoded = prompt_encoder(list(captions[:1]))

@@ -71,6 +71,25 @@ def test_alpha_masks_are_cut_with_the_pictures_crop_and_flip_and_cached_at_laten
     assert not set(plan_plain.items[0].latents) & set(plan.items[0].latents)
 
 
+def test_the_disk_check_counts_every_cached_byte_masks_included(world, tmp_path, monkeypatch):
+    """What the cache build asks the disk for (data_tools.diskspace) is what it then writes, tensor for tensor."""
+    import data_tools.precompute as precompute
+
+    asked = []
+    monkeypatch.setattr(precompute, "ensure_free_space", lambda folder, size, what: asked.append(size))
+    parts = load_components(world / "model")
+    cfg = DataConfig(path=str(world / "rgba"), resolution=64, bucket_step=16, min_side=32, loss_mask="alpha",
+                     cache={"dir": str(tmp_path / "cache"), "flip": True, "num_workers": 0})
+    prepare_cache(cfg, parts.vae, parts.prompt_encoder(), progress=False)
+    written = 0
+    for store in ("latents", "text"):
+        reader = ShardReader(cache_dir_for(cfg) / store)
+        written += sum(t.numel() * t.element_size() for k in reader.keys() for t in reader.get(k).values())
+    assert any("loss_mask" in ShardReader(cache_dir_for(cfg) / "latents").get(k)
+               for k in ShardReader(cache_dir_for(cfg) / "latents").keys())
+    assert asked == [written]
+
+
 def test_a_masked_out_region_does_not_change_the_loss():
     """The loss weighs the error by the mask: whatever happens where the mask is black does not count."""
     g = torch.Generator().manual_seed(0)
