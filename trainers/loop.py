@@ -41,7 +41,7 @@ from .distributed import Engine, make_accelerator, prepare
 from .integrity import check_checkpoint, write_checksums
 from .interrupts import Interrupted, Interrupts
 from .optim import averaged_weights
-from .samples import PromptsFileError, SamplePrompt, read_prompts_file
+from .samples import PromptsFileError, Samples, read_prompts_file
 from .statefile import load_state, save_state
 from .method import Method, denoise, diffusion_loss  # noqa: F401  (diffusion_loss: re-exported for bench/)
 
@@ -328,6 +328,7 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
             return torch.autocast(device.type, dtype=weight_dtype)
         return accelerator.autocast()
 
+    samples = Samples(accelerator, method, config, output, autocast, sample_prompts, base_hash, validation_text)
     step, skipped, streak = 0, 0, 0
     # the main process checks the checkpoints' files and tells the others which it took
     resume_from = broadcast_object_list([find_resume(output, tc.resume) if main else None])[0]
@@ -420,12 +421,9 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
             with averaged_weights(engine.base_optimizer(optimizer)):
                 val = _validation_loss(models, method, dataset, heldout, parts, config, empty_text, device, autocast)
             accelerator.log({"val_loss": val}, step=step)
-        if (config.validation.prompts or sample_prompts) and (
-            (config.validation.every and step % config.validation.every == 0) or step == tc.max_steps
-        ):
+        if samples.due(step):
             with averaged_weights(engine.base_optimizer(optimizer)):
-                _validate(accelerator, method, config, output, step, engine, autocast, validation_text,
-                          sample_prompts, base_hash)
+                samples.run(step, engine)
         # every process agrees, once a step, whether one of them was signalled or the time checkpoint is due
         _heartbeat(step)  # (first: "finished step N", for the message should another never arrive)
         due = bool(tc.checkpoint_minutes) and time.monotonic() - saved_time >= 60 * tc.checkpoint_minutes
@@ -492,33 +490,6 @@ def _trackers(config: Config) -> list[str]:
             raise TrainingStopped("logging.report_to includes wandb, which is not installed: pip install wandb "
                                   "(or remove it; TensorBoard needs nothing)")
     return list(config.logging.report_to)
-
-
-def _log_image(accelerator, config: Config, name: str, image, step: int) -> None:
-    """A picture to every tracker in use; a tracker that fails only warns (logging never ends a run)."""
-    for tracker in config.logging.report_to:
-        try:
-            if tracker == "tensorboard":
-                accelerator.get_tracker("tensorboard", unwrap=True).add_image(name, np.asarray(image), step,
-                                                                                dataformats="HWC")
-            elif tracker == "wandb":
-                import wandb
-
-                accelerator.get_tracker("wandb", unwrap=True).log({name: wandb.Image(image)}, step=step)
-        except Exception as e:
-            log.warning("could not log the %s picture to %s: %s", name, tracker, e)
-
-
-def _row(images):
-    """Pictures side by side (of any sizes), on black."""
-    from PIL import Image
-
-    row = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
-    x = 0
-    for im in images:
-        row.paste(im, (x, 0))
-        x += im.width
-    return row
 
 
 def peak_memory_gib() -> float:
@@ -687,78 +658,3 @@ def _validation_loss(models, method, dataset, heldout, parts, config, empty_text
     return float(np.mean(losses))
 
 
-@torch.no_grad()
-def _validate(accelerator, method: Method, config: Config, output: Path, step: int, engine: Engine, autocast,
-              text: EncodedPrompts | None, sample_prompts: list[SamplePrompt] | None, base_hash: str) -> None:
-    """Sample the validation prompts on the main process and save a grid; the others wait (below
-    ZeRO-3 they first lend it their parts of the weights). `text`: the prompts encoded before the
-    text encoders left the device (None: they stayed, as they train)."""
-    with engine.full_weights():
-        _sample_grid(accelerator, method, config, output, step, autocast, text, sample_prompts, base_hash)
-    accelerator.wait_for_everyone()
-
-
-def _sample_grid(accelerator, method: Method, config: Config, output: Path, step: int, autocast,
-                 text: EncodedPrompts | None, sample_prompts: list[SamplePrompt] | None, base_hash: str) -> None:
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    from ldmcore.pngmeta import a1111_parameters
-
-    if accelerator.is_main_process:
-        vc, parts = config.validation, method.components
-        denoiser = parts.denoiser
-        was_training = denoiser.training
-        denoiser.eval()
-        if torch.cuda.is_available():  # hand the activations' cached blocks to sampling
-            torch.cuda.empty_cache()
-        images = []
-        # the VAE comes back for the sampling; the text encoders only if the prompts were not encoded before
-        frozen = [m for m in (parts.vae, *(parts.text_encoders.values() if text is None else ()))
-                  if m.device != denoiser.device]
-        for model in frozen:
-            model.to(denoiser.device)
-        try:
-            fault_point("validation")
-            common = dict(sampler=vc.sampler, clip_skip=config.data.clip_skip, prompt_encoder=text)
-            with autocast():
-                for seed in vc.seeds if vc.prompts else ():
-                    images += method.generate(vc.prompts, seed, steps=vc.steps, guidance_scale=vc.guidance_scale,
-                                              **common)
-                own = [method.generate([p.prompt], vc.seeds[0] if p.seed is None else p.seed,
-                                       steps=p.steps or vc.steps,
-                                       guidance_scale=vc.guidance_scale if p.guidance is None else p.guidance,
-                                       negative_prompt=p.negative, height=p.height, width=p.width, **common)[0]
-                       for p in sample_prompts or ()]
-        finally:
-            for model in frozen:
-                model.to("cpu")
-        denoiser.train(was_training)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        path = output / "samples" / f"step_{step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if images:
-            w, h = images[0].size
-            cols = len(vc.prompts)
-            grid = Image.new("RGB", (w * cols, h * len(vc.seeds)))
-            for i, im in enumerate(images):
-                grid.paste(im, ((i % cols) * w, (i // cols) * h))
-            fault_point("samples_write", path)
-            grid.save(path)
-            _log_image(accelerator, config, "validation", grid, step)
-        family = parts.family
-        for i, (p, im) in enumerate(zip(sample_prompts or (), own)):  # each with how it was made, A1111's way
-            guidance = vc.guidance_scale if p.guidance is None else p.guidance
-            settings = {"steps": p.steps or vc.steps, "sampler": vc.sampler or parts.schedule.default_sampler,
-                        "cfg_scale": family.default_guidance_scale if guidance is None else guidance,
-                        "seed": vc.seeds[0] if p.seed is None else p.seed, "width": im.width, "height": im.height,
-                        "model_hash": base_hash[:10], "model_name": f"{Path(config.model.path).stem} (step {step})"}
-            info = PngInfo()
-            info.add_text("parameters", a1111_parameters(p.prompt, p.negative, [], settings))
-            own_path = path.with_name(f"step_{step:08d}_{i:02d}.png")
-            fault_point("samples_write", own_path)
-            im.save(own_path, pnginfo=info)
-        if own:
-            _log_image(accelerator, config, "samples", _row(own), step)
-    accelerator.wait_for_everyone()
