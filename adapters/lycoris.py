@@ -32,7 +32,7 @@ from ldmcore.single_file_flux import swap_halves
 from ldmcore.weights import CheckpointError, preview_keys, read_safetensors
 
 from . import lora_flux
-from .lora_family import FLUX_LAYOUT, SDXL_LAYOUT, _family_for, denoiser_layout, lora_family
+from .lora_family import FAMILIES, FLUX_LAYOUT, SDXL_LAYOUT, _family_for, denoiser_layout, lora_family
 from .lora_kohya import KohyaNames
 from .lora_state import OUR_KEY, _our_metadata, _stored, _stored_layout, _write
 
@@ -176,7 +176,8 @@ def _family_clues(names, metadata: Mapping[str, str]) -> list[tuple[str, str]]:
         clues.insert(0, ("sdxl", f"its metadata says ss_base_model_version={version}"))
     layout = _stored_layout(_stored(metadata))
     if layout:
-        clues.insert(0, (lora_family(layout), "it was written for that family's model"))
+        family = lora_family(layout)
+        clues.insert(0, (family, f"it was written for a {FAMILIES[family]} model"))
     return clues
 
 
