@@ -1,9 +1,9 @@
 """`python -m adapters <command>`: LoRA files from the shell.
 
-- `export SOURCE --out DIR`: a LoRA file (or a training checkpoint folder holding
+- `export SOURCE --out DIR`: a LoRA file (or a run's or checkpoint's folder holding
   pytorch_lora_weights.safetensors) -> DIR/pytorch_lora_weights.safetensors (diffusers, peft) and
   DIR/lora_kohya.safetensors (A1111, ComfyUI), metadata kept; a LoHa / LoKr file ->
-  DIR/lycoris_kohya.safetensors in our names (LyCORIS' for Flux).
+  DIR/lycoris_kohya.safetensors in our names (LyCORIS' for Flux); a folder may hold that file instead.
 - `merge BASE LORA --out PATH [--scale S]`: a model with the LoRA folded in; PATH ending in
   .safetensors is written as an original single file, anything else as a diffusers folder.
 - `inspect FILE`: family, format, rank, alpha, targeted modules, text encoders, metadata.
@@ -27,12 +27,14 @@ class UsageError(Exception):
 
 def _lora_file(source: str) -> Path:
     from adapters.lora import DIFFUSERS_FILE
+    from adapters.lycoris import LYCORIS_FILE
 
     path = Path(source)
-    if path.is_dir():
-        if not (path / DIFFUSERS_FILE).is_file():
-            raise UsageError(f"{path}: the folder holds no {DIFFUSERS_FILE}")
-        return path / DIFFUSERS_FILE
+    if path.is_dir():  # a run's output or checkpoint folder: its LoRA, or its LoHa / LoKr
+        found = next((path / f for f in (DIFFUSERS_FILE, LYCORIS_FILE) if (path / f).is_file()), None)
+        if found is None:
+            raise UsageError(f"{path}: the folder holds no {DIFFUSERS_FILE} or {LYCORIS_FILE}")
+        return found
     if not path.is_file():
         raise UsageError(f"{path}: no such file or folder")
     return path
@@ -48,7 +50,8 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
         description="Read a LoRA file in either layout, or a training checkpoint folder holding "
                     "pytorch_lora_weights.safetensors, and write both layouts to DIR.")
     p.add_argument("source", metavar="SOURCE",
-                   help="a LoRA .safetensors file or a folder holding pytorch_lora_weights.safetensors")
+                   help="a LoRA or LoHa / LoKr .safetensors file, or a folder holding "
+                        "pytorch_lora_weights.safetensors or lycoris_kohya.safetensors")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the two files to")
     p.set_defaults(run=run_export)
 
@@ -107,7 +110,8 @@ def add_merge(subparsers: argparse._SubParsersAction) -> None:
                     "diffusers folder.")
     p.add_argument("base", metavar="BASE", help="diffusers model folder or single-file checkpoint")
     p.add_argument("lora", metavar="LORA",
-                   help="LoRA file (either layout) or a folder holding pytorch_lora_weights.safetensors")
+                   help="LoRA file (either layout), LoHa / LoKr file, or a folder holding one "
+                        "(pytorch_lora_weights / lycoris_kohya.safetensors)")
     p.add_argument("--out", required=True, metavar="PATH", help="output: NAME.safetensors or a folder")
     p.add_argument("--scale", type=float, default=1.0, metavar="S", help="LoRA strength (1.0)")
     p.add_argument("--tokenizer", metavar="FOLDER", help="tokenizer folder, for single files that carry none")

@@ -116,9 +116,9 @@ def test_a_lycoris_file_is_named_on_a_lora_only_path_and_inspected(base, tmp_pat
 @pytest.mark.parametrize("preset,algo", [("tiny", "loha"), ("tiny-flux", "lokr")])
 def test_a_lycoris_adapter_trains_and_exports_through_the_entry_point(tmp_path, preset, algo):
     world = build_training_world(tmp_path / "world", preset=preset)
-    cmd = [sys.executable, "-m", "trainers", str(ROOT / "configs" / "tiny" / "lora.yaml"), f"model.path={world / 'model'}",
-           f"data.path={world / 'data'}", f"data.cache.dir={tmp_path / 'cache'}", "train.max_steps=2",
-           f"lora.type={algo}", "lora.rank=4", "lora.alpha=4"]
+    cmd = [sys.executable, "-m", "trainers", str(ROOT / "configs" / "tiny" / "lora.yaml"),
+           f"model.path={world / 'model'}", f"data.path={world / 'data'}", f"data.cache.dir={tmp_path / 'cache'}",
+           "train.max_steps=2", f"lora.type={algo}", "lora.rank=4", "lora.alpha=4"]
     proc = subprocess.run([*cmd, f"output_dir={tmp_path / 'out'}"], cwd=str(ROOT), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
@@ -290,8 +290,8 @@ def test_a_lycoris_file_imports_into_fresh_peft_layers_as_the_same_model(base, t
     add_lora(trained.text_encoder, settings, text_encoder=True)
     randomize_adapter_(trained.denoiser, seed=3)
     randomize_adapter_(trained.text_encoder, seed=4)
-    path = save_lycoris(tmp_path / LYCORIS_FILE, lora_state_dict(trained.denoiser), lora_state_dict(trained.text_encoder),
-                        settings, denoiser_config=trained.denoiser.config)
+    path = save_lycoris(tmp_path / LYCORIS_FILE, lora_state_dict(trained.denoiser),
+                        lora_state_dict(trained.text_encoder), settings, denoiser_config=trained.denoiser.config)
     if not ours:
         from safetensors import safe_open
         from safetensors.torch import save_file
@@ -350,3 +350,7 @@ def test_export_rewrites_another_tools_flux_lokr_in_our_names(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "adapters", "inspect", str(out / LYCORIS_FILE)], cwd=str(ROOT),
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "flux" in proc.stdout and "LoKr" in proc.stdout, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "adapters", "export", str(out), "--out", str(tmp_path / "again")],
+                          cwd=str(ROOT), capture_output=True, text=True)  # a run's folder names its LoKr file
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_file(tmp_path / "again" / LYCORIS_FILE).keys() == exported.keys()
