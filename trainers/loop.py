@@ -32,7 +32,6 @@ from data_tools.store import fingerprint
 from ldmcore.checkpoints import Components
 from ldmcore.faults import fault_point
 from ldmcore.weights import read_state_dict, write_safetensors
-from ldmcore.pipeline import EncodedPrompts
 from ldmcore.quantize import is_quantized, quantize_linears
 
 from .batch import collate, to_device  # noqa: F401  (collate: re-exported for tests and bench/)
@@ -41,7 +40,7 @@ from .distributed import Engine, make_accelerator, prepare
 from .integrity import check_checkpoint, write_checksums
 from .interrupts import Interrupted, Interrupts
 from .optim import averaged_weights
-from .samples import PromptsFileError, Samples, read_prompts_file
+from .samples import PromptsFileError, Samples, encode_sample_prompts, read_prompts_file
 from .statefile import load_state, save_state
 from .method import Method, denoise, diffusion_loss  # noqa: F401  (diffusion_loss: re-exported for bench/)
 
@@ -259,11 +258,8 @@ def _train(config: Config, interrupts: Interrupts, held: contextlib.ExitStack) -
         raise TrainingStopped(f"the data cannot be used: {e}") from None
     validation_text = None
     if method.cached_text:  # the steps read the cache: the encoders leave the device (Flux's T5 alone is 9 GB)
-        if (config.validation.prompts or sample_prompts) and main:  # encoded now: sampling never brings them back
-            vc, data = config.validation, config.data
-            batches = [vc.prompts, [""] * len(vc.prompts), [""]] if vc.prompts else [[""]]
-            batches += [[p.prompt] for p in sample_prompts or ()] + [[p.negative] for p in sample_prompts or ()]
-            validation_text = EncodedPrompts(parts.prompt_encoder(data.clip_skip, data.max_windows), batches)
+        if main:  # encoded now: sampling never brings them back
+            validation_text = encode_sample_prompts(config, sample_prompts, parts)
         for model in (parts.vae, *parts.text_encoders.values()):
             model.to("cpu")
     # what a dropped caption conditions on (SDXL: zeros), unbatched

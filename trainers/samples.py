@@ -73,6 +73,24 @@ def read_prompts_file(path: str | Path) -> list[SamplePrompt]:
     return prompts
 
 
+def wanted(config, prompts: list[SamplePrompt] | None) -> bool:
+    """Whether the run samples at all: validation prompts or a prompts file."""
+    return bool(config.validation.prompts or prompts)
+
+
+def encode_sample_prompts(config, prompts: list[SamplePrompt] | None, parts):
+    """Every prompt the run will sample, encoded once with `parts`' text encoders (`EncodedPrompts`, which
+    `Samples` hands to generation), so they can leave the device; None when the run samples nothing."""
+    from ldmcore.pipeline import EncodedPrompts
+
+    if not wanted(config, prompts):
+        return None
+    vc, data = config.validation, config.data
+    batches = [vc.prompts, [""] * len(vc.prompts), [""]] if vc.prompts else [[""]]
+    batches += [[p.prompt] for p in prompts or ()] + [[p.negative] for p in prompts or ()]
+    return EncodedPrompts(parts.prompt_encoder(data.clip_skip, data.max_windows), batches)
+
+
 @dataclasses.dataclass
 class Samples:
     """Sampling during a run. `text`: the prompts encoded before the text encoders left the device (None:
@@ -87,13 +105,10 @@ class Samples:
     base_hash: str
     text: Any = None  # ldmcore.pipeline.EncodedPrompts
 
-    @property
-    def wanted(self) -> bool:
-        return bool(self.config.validation.prompts or self.prompts)
-
     def due(self, step: int) -> bool:
         every = self.config.validation.every
-        return self.wanted and ((every and step % every == 0) or step == self.config.train.max_steps)
+        last = step == self.config.train.max_steps
+        return wanted(self.config, self.prompts) and ((every and step % every == 0) or last)
 
     @torch.no_grad()
     def run(self, step: int, engine) -> None:
