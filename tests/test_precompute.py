@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_
+from conftest import free_port, randomize_
 from PIL import Image
 
 from data_tools.config import DataConfig
@@ -230,7 +230,7 @@ def test_accelerate_launch_with_two_processes_matches_one(parts, dataset, tmp_pa
                    f"data: {{path: {dataset}, resolution: 64, bucket_step: 16, min_side: 32,"
                    f" cache: {{batch_size: 1, num_workers: 0}}}}\n")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_cpu_threads_per_process", "1", "-m", "data_tools", "precompute", str(cfg), "--no-progress"]
+                "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()), "-m", "data_tools", "precompute", str(cfg), "--no-progress"]
     two = subprocess.run([*launcher, f"data.cache.dir={tmp_path / 'two'}"], cwd=str(ROOT), capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     one = subprocess.run([sys.executable, "-m", "data_tools", "precompute", str(cfg), "--no-progress",

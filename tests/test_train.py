@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_training_world, unet_call_inputs
+from conftest import build_training_world, free_port, unet_call_inputs
 from safetensors.torch import load_file
 
 from trainers.statefile import load_state
@@ -124,7 +124,7 @@ def test_two_processes_equal_one_with_twice_the_batch(any_world, tmp_path):
     world = any_world
     run(world, tmp_path / "one", "train.max_steps=3", "train.batch_size=4", "train.checkpoint_every=3")
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_cpu_threads_per_process", "1", "-m", "trainers")
+                "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()), "-m", "trainers")
     run(world, tmp_path / "two", "train.max_steps=3", "train.batch_size=2", "train.checkpoint_every=3",
         launcher=launcher)
     assert (tmp_path / "two" / "checkpoints" / "step_00000003" / "rng_1.safetensors").is_file()  # two ranks ran
