@@ -10,19 +10,17 @@ samples with real classifier-free guidance (`worlds.world.FLOW_SAMPLING`, true_c
 Thresholds sit well under the measured figures (beside each) and well over what an untrained model
 or a broken family scores.
 
-Cost, measured on the 2-core CPU machine with one thread: the base 3.7 min (the world's T5 reads 32
-tokens, which hold every caption; schnell's 256 took 17.5 min), the demo 1 min. The demo's LoRA does
-not yet teach the cross: 400 steps drew 0% -> 8% crosses, and nothing tried reached 40% (NOTES.md lists
-each variant). A full fine-tune on the same pictures fails alike, so it is not the LoRA. What was found:
-this base reads the shape word mostly from CLIP's pooled vector (the modulation), not from the T5 tokens,
-and the world's frozen random CLIP puts "a red zorb ..." next to "a red circle ..."; the image's attention
-to the text is nearly flat, and the LoRA learns to finish a cross in img2img but not to choose one at
-high noise, where the text decides. That test is marked xfail until the world is settled.
+The demo teaches this world a colour, green, under "zorb" ("a zorb circle on a white background"):
+the world's autoencoder has seen green, its denoiser never has. The U-Net worlds learn a shape, the
+cross; this transformer hardly draws one at its size (a base trained from nothing with crosses among
+its pictures drew none), so the cross would measure the world, not the training (docs/flux.md).
+
+Cost, measured on the 2-core CPU machine with one thread: the base 4 min (the world's T5 reads 32
+tokens, which hold every caption; schnell's 256 took 17.5 min), the demo 1.5 min.
 """
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -33,10 +31,7 @@ from worlds.world import TEST_WORLD_FLUX
 
 WORLD = TEST_WORLD_FLUX.name
 
-# 5 min on the 2-core CI machine: beyond the suite's budget while its LoRA check is not settled, so it runs
-# on demand: LDM_TUNE_FLUX_LEARNING=1 make test
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("LDM_TUNE_FLUX_LEARNING") != "1",
-                                                   reason="5 min; set LDM_TUNE_FLUX_LEARNING=1 to run it")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -59,26 +54,29 @@ def test_the_flux_base_draws_the_asked_shape_and_colour(world):
     parts = load_components(base, dtype=torch.float32)
     assert parts.family.name == "flux-schnell" and parts.schedule.kind == "flow"
     s = score(parts, asks(world=TEST_WORLD_FLUX), seeds=(0, 1, 2, 3), world=TEST_WORLD_FLUX)
-    assert s.colour >= 0.8 and s.shape >= 0.5 and s.both >= 0.45, s.line()  # measured 100%, 89%, 89%
+    assert s.colour >= 0.8 and s.shape >= 0.5 and s.both >= 0.45, s.line()  # measured 100%, 69%, 69%
 
 
-def test_a_flux_lora_trains_exports_both_formats_and_keeps_plain_prompts(world):
+def test_a_flux_lora_teaches_the_new_colour_and_keeps_plain_prompts(world):
     root = world[0]
     summary = demo_summary(world)
-    shape, plain = summary["trigger_prompt_shape_share"], summary["plain_prompt_correct_share"]
-    assert shape["before"] <= 0.1, shape  # the base never saw a cross (measured 0%)
-    assert plain["after"] >= 0.4, plain  # the base's prompts survive (measured 100% -> 78%, 9 pictures)
+    assert summary["concept"] == {"kind": "colour", "value": "green", "word": demo.TRIGGER}
+    taught, plain = summary["trigger_prompt_concept_share"], summary["plain_prompt_correct_share"]
+    assert taught["before"] <= 0.1, taught  # the base never drew green (measured 0%)
+    assert taught["after"] >= 0.5, taught  # "zorb" prompts draw green (measured 100%, 12 pictures)
+    assert summary["trigger_prompt_shape_share"]["after"] >= 0.4, summary  # ... still the asked shape (measured 75%)
+    assert plain["after"] >= 0.4, plain  # the base's prompts survive (measured 78% -> 78%, 9 pictures)
     assert summary["exports_agree"] is True  # the kohya (BFL names, fused q/k/v) and diffusers files: one model
     from adapters.lora import load_lora_file
 
     kohya = load_lora_file(root / "runs" / WORLD / "demo" / "lora_kohya.safetensors")
     assert kohya.family == "flux" and kohya.format == "kohya"
     truth = (root / "data" / WORLD / demo.TRIGGER / "truth.jsonl").read_text()
-    assert truth.count('"shape": "cross"') == demo.CONCEPT_PICTURES
+    assert truth.count('"colour": "green"') == truth.count("zorb") == demo.CONCEPT_PICTURES  # beside ordinary ones
 
 
-@pytest.mark.xfail(strict=True, reason="400 LoRA steps do not teach the Flux base the cross yet (measured 0% -> 8%): "
-                                       "the base reads shapes from the random CLIP's pooled vector (module docstring)")
-def test_a_flux_lora_learns_the_new_shape(world):
-    shape = demo_summary(world)["trigger_prompt_shape_share"]
-    assert shape["after"] >= 0.3, shape  # the U-Net worlds' threshold (they measured 58% and 67%)
+def test_the_flux_world_autoencoder_saw_green_and_its_denoiser_did_not(world):
+    root = world[0]
+    codec = (root / "data" / WORLD / "codec" / "truth.jsonl").read_text()
+    base = (root / "data" / WORLD / "base" / "truth.jsonl").read_text()
+    assert '"colour": "green"' in codec and '"colour": "green"' not in base

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from worlds import checks
-from worlds.evaluate import mask_iou, repaint_score
+from worlds.evaluate import Score, concept_asks, mask_iou, repaint_score
 from worlds.pictures import BACKGROUNDS, Scene, render, scenes, shape_mask
-from worlds.world import WORLDS
+from worlds.world import TEST_WORLD, TEST_WORLD_FLUX, WORLDS, Concept
 
 SIZE = checks.SIZE
 
@@ -79,3 +79,28 @@ def test_shape_maps_are_the_ground_truth_masks_by_file_stem(tmp_path):
         drawn = np.asarray(Image.open(maps / (file.rsplit(".", 1)[0] + ".png")))  # (H, W, 3), same stem
         assert drawn.shape == (SIZE, SIZE, 3)
         assert np.array_equal(drawn[..., 0] > 127, shape_mask(scene.shape, scene.box, SIZE))
+
+
+def test_concept_prompts_put_the_trigger_word_where_the_concept_goes_and_ask_for_it():
+    colour = concept_asks("zorb", Concept("colour", "green"), TEST_WORLD)
+    assert [a.prompt for a in colour] == ["a zorb circle on a white background",
+                                          "a zorb triangle on a black background", "a zorb square on a white background"]
+    assert [(a.shape, a.colour) for a in colour] == [(s, "green") for s in TEST_WORLD.shapes]
+    shape = concept_asks("zorb", Concept("shape", "cross"), TEST_WORLD)
+    assert [a.prompt for a in shape][:2] == ["a red zorb on a white background", "a blue zorb on a black background"]
+    assert [(a.shape, a.colour) for a in shape] == [("cross", c) for c in TEST_WORLD.colours]
+    score = Score(shape=0.25, colour=0.75, both=0.2, pictures=[])
+    assert score.of("shape") == 0.25 and score.of("colour") == 0.75
+    with pytest.raises(ValueError, match="shape or a colour"):
+        Concept("texture", "stripes")
+
+
+def test_a_world_autoencoder_sees_every_shape_and_a_concept_colour_its_denoiser_never_sees():
+    from worlds.pictures import SHAPES
+
+    assert TEST_WORLD_FLUX.concept == Concept("colour", "green") and "green" not in TEST_WORLD_FLUX.colours
+    assert TEST_WORLD_FLUX.codec_kinds() == {"shapes": tuple(SHAPES), "colours": TEST_WORLD_FLUX.colours + ("green",)}
+    # a shape concept leaves the codec's colours the world's: the U-Net worlds' autoencoders are unchanged
+    assert TEST_WORLD.codec_kinds() == {"shapes": tuple(SHAPES), "colours": TEST_WORLD.colours}
+    drawn = TEST_WORLD_FLUX.scenes(200, seed=1, **TEST_WORLD_FLUX.codec_kinds())
+    assert {s.colour for s in drawn} == {"red", "blue", "yellow", "green"} and {s.shape for s in drawn} == set(SHAPES)

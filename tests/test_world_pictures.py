@@ -44,15 +44,18 @@ def test_render_draws_the_shape_in_its_colour_where_the_mask_says():
 
 
 def test_dataset_folder_has_pictures_captions_and_ground_truth(tmp_path):
-    items = scenes(6, 0, 32)
-    write_dataset(tmp_path / "d", items, 32, shape_words={"circle": "zorb"})
+    items = scenes(12, 0, 32)  # a circle and a red shape among them: both renames are met
+    write_dataset(tmp_path / "d", items, 32, words={"circle": "zorb", "red": "ohwx"})
     truth = read_truth(tmp_path / "d")
     assert [s for _, s in truth] == items
     for file, scene in truth:
         caption = (tmp_path / "d" / file).with_suffix(".txt").read_text().strip()
         word = "zorb" if scene.shape == "circle" else scene.shape
-        assert caption == f"a {scene.colour} {word} on a {scene.background} background"
+        colour = "ohwx" if scene.colour == "red" else scene.colour
+        assert caption == f"a {colour} {word} on a {scene.background} background"
         assert Image.open(tmp_path / "d" / file).size == (32, 32)
+    captions = [(tmp_path / "d" / file).with_suffix(".txt").read_text() for file, _ in truth]
+    assert any("zorb" in c for c in captions) and any("ohwx" in c for c in captions)
     assert set(" ".join(s.caption() for s in items).split()) <= set(vocabulary())
 
 

@@ -1,14 +1,15 @@
 """The tiny world's base model, built from nothing by the project's own trainers (`make base`).
 
-    python -m worlds.build [--world tiny-world|test-world] [--runs runs] [--data data] [--check]
+    python -m worlds.build [--world NAME] [--runs runs] [--data data] [--check]
 
 A world (`worlds.world.World`: its shapes, colours, backgrounds, model preset and run lengths) is
 built in stages under `<runs>/<world>/`, its pictures under `<data>/<world>/`:
 
 1. pictures: `base`, seeded pictures of the world's shapes and colours with captions, and
-   `codec`, pictures of every shape in the world's colours for the autoencoder alone: the VAE is the
-   world's image codec (SD's VAE has seen far more than any one fine-tune brings), while what is
-   held out (the cross, the demo's concept) stays out of every caption the text-to-image model learns from;
+   `codec`, pictures of every shape in the world's colours (and the concept's colour, where the world's
+   concept is one) for the autoencoder alone: the VAE is the world's image codec (SD's VAE has seen
+   far more than any one fine-tune brings), while what is held out (the demo's concept, `World.concept`)
+   stays out of every caption the text-to-image model learns from;
 2. init: a freshly initialised model folder in SD's layout (the world's preset) whose CLIP
    tokenizer is built from the caption vocabulary (plus spare words the base never reads);
 3. vae: the KL autoencoder trained on the pictures (`configs/tiny/world_vae.yaml`, method vae);
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .pictures import SHAPES, TRUTH_FILE, Scene, vocabulary, write_dataset
+from .pictures import TRUTH_FILE, Scene, vocabulary, write_dataset
 from .world import SIZE, TINY_WORLD, WORLDS, World
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,8 +92,9 @@ def build_base(world: World = TINY_WORLD, runs: Path | str = "runs", data: Path 
         return base
     started = time.perf_counter()
     pics = base_pictures(world, data)
-    # the autoencoder's pictures: every shape, the held-out ones too (see the module's docstring)
-    codec = make_pictures(data / world.name / "codec", lambda: world.scenes(world.pictures, seed=1, shapes=tuple(SHAPES)))
+    # the autoencoder's pictures: every shape, the held-out ones too, and a concept colour (see the module's docstring)
+    codec = make_pictures(data / world.name / "codec",
+                          lambda: world.scenes(world.pictures, seed=1, **world.codec_kinds()))
     init = make_init(home / "init", preset=world.preset)
     cache = f"data.cache.dir={home / 'cache'}"
     vae_out = home / "vae"

@@ -119,22 +119,23 @@ def seeds_for(n_prompts: int, samples: int) -> list[int]:
 
 
 def check_full(setup: Setup) -> dict:
-    from .evaluate import asks, grid, score
+    from .evaluate import asks, concept_asks, grid, score
 
-    concept = make_concept(setup.world, setup.data)
-    trigger, plain = asks(TRIGGER, HELD_OUT, setup.world), asks(world=setup.world)
+    pictures, concept = make_concept(setup.world, setup.data), setup.world.concept
+    other = "colour" if concept.kind == "shape" else "shape"
+    trigger, plain = concept_asks(TRIGGER, concept, setup.world), asks(world=setup.world)
     t_seeds, p_seeds = seeds_for(len(trigger), setup.samples), seeds_for(len(plain), setup.samples)
 
     def measure(parts):
         return score(parts, trigger, t_seeds, setup.world), score(parts, plain, p_seeds, setup.world)
 
     before = measure(load(setup.base))
-    after = measure(load(setup.train("full", "full", concept) / "model"))
+    after = measure(load(setup.train("full", "full", pictures) / "model"))
     picture = grid([before[0].pictures[0], after[0].pictures[0], before[1].pictures[0][:8], after[1].pictures[0][:8]],
                    [f"before: {TRIGGER}", f"after: {TRIGGER}", "before: plain", "after: plain"])
     return finish(setup, "full", ["before", "after"], {
-        f'"{TRIGGER}" prompts draw a {HELD_OUT}': [before[0].shape, after[0].shape],
-        "... in the asked colour": [before[0].both, after[0].both],
+        f'"{TRIGGER}" prompts draw {concept.phrase()}': [before[0].of(concept.kind), after[0].of(concept.kind)],
+        f"... in the asked {other}": [before[0].both, after[0].both],
         "plain prompts drawn right": [before[1].both, after[1].both],
     }, picture)
 
@@ -148,7 +149,7 @@ def make_instances(world: World, data: Path) -> Path:
     return make_pictures(data / world.name / f"{TRIGGER}-{INSTANCE_COLOUR}-{INSTANCE_BACKGROUND}",
                          lambda: world.scenes(INSTANCE_PICTURES, seed=2, shapes=(HELD_OUT,), colours=(INSTANCE_COLOUR,),
                                               backgrounds=(INSTANCE_BACKGROUND,), textured_share=0.0),
-                         shape_words={HELD_OUT: TRIGGER})
+                         words={HELD_OUT: TRIGGER})
 
 
 def check_dreambooth(setup: Setup) -> dict:

@@ -1,10 +1,11 @@
 """`make demo`: teach the tiny base a shape it has never seen, and measure that it learned.
 
 1. the tiny base (built once by `worlds.build`, reused after);
-2. a small set of pictures of crosses (a shape held out of the base's data) captioned with the
-   trigger word "zorb": "a red zorb on a white background", beside as many ordinary pictures
-   (regularisation, so that ordinary prompts keep their meaning);
-3. the scores before: how often the base draws a cross for "zorb" prompts, and how often it draws
+2. a small set of pictures of the world's concept (`World.concept`: crosses, a shape held out of the
+   base's data; the Flux test world's is a colour, green) captioned with the trigger word "zorb" in the
+   concept's place: "a red zorb on a white background" ("a zorb circle on ..."), beside as many ordinary
+   pictures (regularisation, so that ordinary prompts keep their meaning);
+3. the scores before: how often the base draws the concept for "zorb" prompts, and how often it draws
    the asked shape and colour for ordinary prompts;
 4. a LoRA trained through `accelerate launch -m trainers` (configs/tiny/demo_lora.yaml), which
    exports the diffusers/peft and the kohya (A1111/ComfyUI) files and logs to TensorBoard;
@@ -24,19 +25,22 @@ import torch
 from .build import CONFIGS, ROOT, build_base, make_pictures, run_stage
 from .world import TINY_WORLD, WORLDS, World
 
-TRIGGER, HELD_OUT = "zorb", "cross"
+TRIGGER = "zorb"
+HELD_OUT = "cross"  # the shape no world's base sees: the U-Net worlds' concept and the DreamBooth check's subject
 CONCEPT_PICTURES = 48
 REGULARISATION = 48  # ordinary pictures trained beside them (see make_concept)
 
 
 def make_concept(world: World, data: Path | str) -> Path:
-    """CONCEPT_PICTURES of the new shape under the trigger word, and as many ordinary pictures of the
-    base's world with their usual captions: regularisation pictures, without which the LoRA learns
+    """CONCEPT_PICTURES of the world's concept under the trigger word, and as many ordinary pictures of
+    the base's world with their usual captions: regularisation pictures, without which the LoRA learns
     "draw crosses" for every prompt rather than for "zorb" (measured on a 2000-step base: see
     configs/tiny/demo_lora.yaml)."""
+    concept = world.concept
     return make_pictures(Path(data).resolve() / world.name / TRIGGER,
-                         lambda: world.scenes(CONCEPT_PICTURES, seed=1, shapes=(HELD_OUT,)) + world.scenes(REGULARISATION, seed=2),
-                         shape_words={HELD_OUT: TRIGGER})
+                         lambda: (world.scenes(CONCEPT_PICTURES, seed=1, **concept.kinds())
+                                  + world.scenes(REGULARISATION, seed=2)),
+                         words={concept.value: TRIGGER})
 
 
 def accelerate_launcher() -> tuple[str, ...]:
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
     args = p.parse_intermixed_args(argv)  # key=value may come before or after the options
     from ldmcore.checkpoints import load_components
 
-    from .evaluate import asks, grid, score, with_lora
+    from .evaluate import asks, concept_asks, grid, score, with_lora
 
     started = time.perf_counter()
     world = WORLDS[args.world]
@@ -71,7 +75,7 @@ def main(argv=None) -> int:
 
     base = load_components(base_dir, dtype=torch.float32)
     seeds = list(range(args.seeds))
-    trigger_asks, plain_asks = asks(TRIGGER, HELD_OUT, world), asks(world=world)
+    trigger_asks, plain_asks = concept_asks(TRIGGER, world.concept, world), asks(world=world)
     before = {"trigger": score(base, trigger_asks, seeds, world), "plain": score(base, plain_asks, seeds[:1], world)}
 
     lora_started = time.perf_counter()
@@ -92,7 +96,12 @@ def main(argv=None) -> int:
     picture.save(out / "before_after.png")
 
     total = time.perf_counter() - started
+    concept = world.concept
     summary = {
+        "concept": {"kind": concept.kind, "value": concept.value, "word": TRIGGER},
+        # the share of "zorb" prompts' pictures that show the concept: its shape, or its colour
+        "trigger_prompt_concept_share": {"before": before["trigger"].of(concept.kind),
+                                         "after": after["trigger"].of(concept.kind)},
         "trigger_prompt_shape_share": {"before": before["trigger"].shape, "after": after["trigger"].shape},
         "trigger_prompt_colour_share": {"before": before["trigger"].colour, "after": after["trigger"].colour},
         "plain_prompt_correct_share": {"before": before["plain"].both, "after": after["plain"].both},
@@ -100,14 +109,17 @@ def main(argv=None) -> int:
         "seconds": {"base": base_time, "lora": lora_time, "total": total},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    other = "colour" if concept.kind == "shape" else "shape"  # what the trigger prompts ask besides the concept
+    said = f'"{TRIGGER}" prompts draw {concept.phrase()}:'
     rel = lambda path: path.relative_to(ROOT) if path.is_relative_to(ROOT) else path  # noqa: E731
     print(f"""
-ldm-tune demo: a LoRA teaches the tiny base a shape it never saw ("{TRIGGER}" = {HELD_OUT})
+ldm-tune demo: a LoRA teaches the tiny base a {concept.kind} it never saw ("{TRIGGER}" = {concept.value})
   base model        {rel(base_dir)}  ({base_time / 60:.1f} min to get it)
-  LoRA training     {lora_time / 60:.1f} min on {CONCEPT_PICTURES} pictures of the new shape + {REGULARISATION} ordinary ones
+  LoRA training     {lora_time / 60:.1f} min on {CONCEPT_PICTURES} pictures of the new {concept.kind} \
++ {REGULARISATION} ordinary ones
                                     before    after
-  "{TRIGGER}" prompts draw a {HELD_OUT}:   {before['trigger'].shape:6.0%}   {after['trigger'].shape:6.0%}
-  ... in the asked colour:          {before['trigger'].colour:6.0%}   {after['trigger'].colour:6.0%}
+  {said:34s}{before['trigger'].of(concept.kind):6.0%}   {after['trigger'].of(concept.kind):6.0%}
+  {'... in the asked ' + other + ':':34s}{before['trigger'].of(other):6.0%}   {after['trigger'].of(other):6.0%}
   plain prompts drawn right:        {before['plain'].both:6.0%}   {after['plain'].both:6.0%}   (shape and colour)
   exports   {rel(peft)} (diffusers)
             {rel(kohya)} (A1111/ComfyUI); both formats agree: {same}

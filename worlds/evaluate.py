@@ -6,7 +6,7 @@ README's figures and the tests' thresholds.
 
     python -m worlds.evaluate base runs/tiny-world/base
     python -m worlds.evaluate concept runs/tiny-world/base --lora runs/tiny-world/demo/pytorch_lora_weights.safetensors \
-        --word zorb --shape cross
+        --word zorb   # the world's concept (World.concept), or --shape cross / --colour green
     python -m worlds.evaluate base runs/test-world/base --world test-world   # its own shapes and colours
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from PIL import Image
 from ldmcore.checkpoints import Components, load_components
 
 from .detect import detect
-from .world import SIZE, TINY_WORLD, WORLDS, World
+from .world import SIZE, TINY_WORLD, WORLDS, Concept, World
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,16 @@ def asks(word: str | None = None, shape: str | None = None, world: World = TINY_
     return out
 
 
+def concept_asks(word: str, concept: Concept, world: World = TINY_WORLD) -> list[Ask]:
+    """Prompts that use `word` for the concept: in place of the shape ('a red zorb on a white background',
+    over the world's colours) or of the colour ('a zorb circle on a white background', over its shapes)."""
+    if concept.kind == "shape":
+        return asks(word, concept.value, world)
+    backgrounds = world.backgrounds
+    return [Ask(f"a {word} {shape} on a {backgrounds[i % len(backgrounds)]} background", shape, concept.value)
+            for i, shape in enumerate(world.shapes)]
+
+
 def sample(parts: Components, prompts: Sequence[str], seeds: Sequence[int], world: World = TINY_WORLD,
            **kwargs) -> list[list[Image.Image]]:
     """Pictures per seed (outer) and prompt (inner), the world's size, sampled as the world says
@@ -68,6 +78,10 @@ class Score:
 
     def line(self) -> str:
         return f"shape {self.shape:.0%}, colour {self.colour:.0%}, both {self.both:.0%}"
+
+    def of(self, kind: str) -> float:
+        """The share showing the asked "shape" or "colour" (a concept's kind)."""
+        return {"shape": self.shape, "colour": self.colour}[kind]
 
 
 def score(parts: Components, items: Sequence[Ask], seeds: Sequence[int] = (0, 1), world: World = TINY_WORLD,
@@ -168,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m worlds.evaluate", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="check", required=True)
     base = sub.add_parser("base", help="does the model draw the asked base shape and colour?")
-    concept = sub.add_parser("concept", help="does a trigger word draw its new shape, and do base prompts survive?")
+    concept = sub.add_parser("concept", help="does a trigger word draw its new concept, and do base prompts survive?")
     for q in (base, concept):
         q.add_argument("model", help="a model folder or single file")
         q.add_argument("--seeds", type=int, default=2, help="pictures per prompt")
@@ -176,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("--world", choices=sorted(WORLDS), default=TINY_WORLD.name, help="whose shapes and colours to ask for")
     concept.add_argument("--lora", help="a LoRA file to merge first")
     concept.add_argument("--word", required=True)
-    concept.add_argument("--shape", required=True)
+    what = concept.add_mutually_exclusive_group()
+    what.add_argument("--shape", help="the shape the word stands for (default: the world's concept)")
+    what.add_argument("--colour", help="the colour the word stands for")
     args = p.parse_args(argv)
 
     parts = load_components(args.model, dtype=torch.float32)
@@ -185,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check == "concept":
         if args.lora:
             parts = with_lora(parts, args.lora)
-        results["trigger"] = score(parts, asks(args.word, args.shape, world), seeds, world)
+        meant = (Concept("shape", args.shape) if args.shape else Concept("colour", args.colour) if args.colour
+                 else world.concept)
+        results["trigger"] = score(parts, concept_asks(args.word, meant, world), seeds, world)
     results["base"] = score(parts, asks(world=world), seeds, world)
     for name, s in results.items():
         print(f"{name:8s} {s.line()}")

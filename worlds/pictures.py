@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -80,9 +80,12 @@ class Scene:
     textured: bool = False
     texture_seed: int = 0
 
-    def caption(self, shape_word: str | None = None) -> str:
-        """'a red circle on a white background'; `shape_word` renames the shape (a trigger word)."""
-        return f"a {self.colour} {shape_word or self.shape} on a {self.background} background"
+    def caption(self, words: Mapping[str, str] | None = None) -> str:
+        """'a red circle on a white background'; `words` renames a shape or a colour (a trigger word:
+        {"cross": "zorb"} gives 'a red zorb on ...', {"green": "zorb"} 'a zorb circle on ...')."""
+        words = words or {}
+        colour, shape = words.get(self.colour, self.colour), words.get(self.shape, self.shape)
+        return f"a {colour} {shape} on a {self.background} background"
 
 
 def polygon_in_box(shape: str, box: Sequence[float], scale: int = 1) -> list[tuple[float, float]]:
@@ -137,10 +140,10 @@ TRUTH_FILE = "truth.jsonl"
 
 
 def write_dataset(folder: str | os.PathLike, items: Iterable[Scene], size: int,
-                  shape_words: dict[str, str] | None = None, progress: bool = False) -> Path:
+                  words: Mapping[str, str] | None = None, progress: bool = False) -> Path:
     """Write `NNNNN.png` + `NNNNN.txt` (the caption) per scene and `truth.jsonl` with the ground
     truth (scene and caption) per file, in the captioned-folder layout `data_tools scan` reads.
-    `shape_words` renames shapes in captions ({"star": "zorb"} teaches a trigger word)."""
+    `words` renames shapes or colours in captions ({"star": "zorb"} teaches a trigger word)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     items = list(items)
@@ -153,7 +156,7 @@ def write_dataset(folder: str | os.PathLike, items: Iterable[Scene], size: int,
         name = f"{i:05d}"
         picture, _ = render(scene, size)
         picture.save(folder / f"{name}.png")
-        caption = scene.caption((shape_words or {}).get(scene.shape))
+        caption = scene.caption(words)
         (folder / f"{name}.txt").write_text(caption + "\n")
         lines.append(json.dumps({"file": f"{name}.png", "caption": caption, **asdict(scene)}))
     tmp = folder / (TRUTH_FILE + ".tmp")
