@@ -17,11 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# Two pytest workers, one test file each at a time (a file's module fixtures, such as a tiny world, are built
-# once): every process runs one thread, so two keep both of CI's cores busy where one left a core idle.
-TEST_WORKERS ?= 2
 test: venv
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The configuration reference, generated from the typed schema (tests/test_docs.py checks it is current)
 docs: venv
