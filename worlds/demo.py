@@ -1,4 +1,4 @@
-"""`make demo`: teach the tiny base a shape it has never seen, and measure that it learned.
+"""`make demo`: teach the tiny base something it has never seen (a shape, or a colour), and measure that it learned.
 
 1. the tiny base (built once by `worlds.build`, reused after);
 2. a small set of pictures of the world's concept (`World.concept`: crosses, a shape held out of the
