@@ -15,8 +15,8 @@ the world's autoencoder has seen green, its denoiser never has. The U-Net worlds
 cross; this transformer hardly draws one at its size (a base trained from nothing with crosses among
 its pictures drew none), so the cross would measure the world, not the training (docs/flux.md).
 
-Cost, measured on the 2-core CPU machine with one thread: the base 4 min (the world's T5 reads 32
-tokens, which hold every caption; schnell's 256 took 17.5 min), the demo 1.5 min.
+Cost, measured on the 2-core CPU machine with one thread: the base 3.7 min (the world's T5 reads 32
+tokens, which hold every caption; schnell's 256 took 17.5 min), the demo 1.3 min (the LoRA 70 s).
 """
 from __future__ import annotations
 

@@ -91,6 +91,7 @@ def test_concept_prompts_put_the_trigger_word_where_the_concept_goes_and_ask_for
     assert [(a.shape, a.colour) for a in shape] == [("cross", c) for c in TEST_WORLD.colours]
     score = Score(shape=0.25, colour=0.75, both=0.2, pictures=[])
     assert score.of("shape") == 0.25 and score.of("colour") == 0.75
+    assert Concept("colour", "green").other_kind == "shape" and Concept("shape", "cross").other_kind == "colour"
     with pytest.raises(ValueError, match="shape or a colour"):
         Concept("texture", "stripes")
 

@@ -45,8 +45,8 @@ import torch
 from PIL import Image
 
 from .build import CONFIGS, base_pictures, build_base, make_pictures, run_stage
-from .demo import HELD_OUT, TRIGGER, make_concept
-from .world import SIZE, TINY_WORLD, WORLDS, World
+from .demo import TRIGGER, make_concept
+from .world import HELD_OUT, SIZE, TINY_WORLD, WORLDS, World
 
 HELDOUT_SEED = 7  # scenes no method trained on (the base pictures use seed 0, the demo's concept seed 1)
 INSTANCE_COLOUR, INSTANCE_BACKGROUND = "red", "white"  # DreamBooth: the subject; its class shape is the world's
@@ -122,7 +122,6 @@ def check_full(setup: Setup) -> dict:
     from .evaluate import asks, concept_asks, grid, score
 
     pictures, concept = make_concept(setup.world, setup.data), setup.world.concept
-    other = "colour" if concept.kind == "shape" else "shape"
     trigger, plain = concept_asks(TRIGGER, concept, setup.world), asks(world=setup.world)
     t_seeds, p_seeds = seeds_for(len(trigger), setup.samples), seeds_for(len(plain), setup.samples)
 
@@ -135,7 +134,7 @@ def check_full(setup: Setup) -> dict:
                    [f"before: {TRIGGER}", f"after: {TRIGGER}", "before: plain", "after: plain"])
     return finish(setup, "full", ["before", "after"], {
         f'"{TRIGGER}" prompts draw {concept.phrase()}': [before[0].of(concept.kind), after[0].of(concept.kind)],
-        f"... in the asked {other}": [before[0].both, after[0].both],
+        f"... in the asked {concept.other_kind}": [before[0].both, after[0].both],
         "plain prompts drawn right": [before[1].both, after[1].both],
     }, picture)
 

@@ -26,7 +26,6 @@ from .build import CONFIGS, ROOT, build_base, make_pictures, run_stage
 from .world import TINY_WORLD, WORLDS, World
 
 TRIGGER = "zorb"
-HELD_OUT = "cross"  # the shape no world's base sees: the U-Net worlds' concept and the DreamBooth check's subject
 CONCEPT_PICTURES = 48
 REGULARISATION = 48  # ordinary pictures trained beside them (see make_concept)
 
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
         "seconds": {"base": base_time, "lora": lora_time, "total": total},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    other = "colour" if concept.kind == "shape" else "shape"  # what the trigger prompts ask besides the concept
+    other = concept.other_kind
     said = f'"{TRIGGER}" prompts draw {concept.phrase()}:'
     rel = lambda path: path.relative_to(ROOT) if path.is_relative_to(ROOT) else path  # noqa: E731
     print(f"""

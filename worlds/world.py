@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .pictures import BACKGROUNDS, BASE_COLOURS, BASE_SHAPES, SHAPES, Scene, scenes
 
 SIZE = 32  # pixels; the tiny-world VAE makes 8x8 latents of them
+HELD_OUT = "cross"  # the shape no world's base is taught: the U-Net worlds' concept, the DreamBooth check's subject
 
 #: how the checks sample a U-Net world's base: few steps of DPM++ 2M are plenty for 8x8 latents
 DDPM_SAMPLING = {"steps": 20, "guidance_scale": 4.0, "sampler": "dpmpp_2m"}
@@ -36,6 +37,11 @@ class Concept:
     def phrase(self) -> str:
         return f"a {self.value}" if self.kind == "shape" else self.value
 
+    @property
+    def other_kind(self) -> str:
+        """What the trigger prompts ask besides the concept: the colour of a shape, the shape of a colour."""
+        return "colour" if self.kind == "shape" else "shape"
+
 
 @dataclass(frozen=True)
 class World:
@@ -54,7 +60,7 @@ class World:
     pictures: int = 3000
     samples: int = 48  # pictures behind each measured share of the method checks
     class_shape: str = "diamond"  # the DreamBooth check's class: "a red <class_shape> on a white background"
-    concept: Concept = Concept("shape", "cross")  # what the demo teaches (worlds.demo)
+    concept: Concept = Concept("shape", HELD_OUT)  # what the demo teaches (worlds.demo)
     # `ldmcore.pipeline.generate`'s options in every check of this world's models
     sampling: dict = field(default_factory=lambda: dict(DDPM_SAMPLING), hash=False)
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
